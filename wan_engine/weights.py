@@ -19,25 +19,31 @@ def to_mlx_layout(key: str, value: mx.array) -> mx.array:
     return value
 
 
-def sanitize_diffusers(weights: dict) -> dict:
-    """Diffusers / transformers keys -> our module's keys (same names, MLX layouts)."""
-    # transformers ties `encoder.embed_tokens` to `shared`; our encoder reads `shared` only.
-    return {k: to_mlx_layout(k, v) for k, v in weights.items() if k != "encoder.embed_tokens.weight"}
-
-
-def load_into(module: nn.Module, weights: dict, dtype=mx.float32) -> nn.Module:
-    """Load `weights` (name -> mx.array or numpy array, Diffusers names) into `module`, cast to `dtype`.
+def load_into(module: nn.Module, weights: dict, dtype=mx.float32, keep_fp32: tuple = (), progress=None):
+    """Load `weights` (Diffusers names -> mx or numpy arrays) into `module`, cast to `dtype`; parameters whose
+    names contain one of `keep_fp32` stay float32. The dict is consumed tensor by tensor, so each source tensor
+    is freed as soon as its cast copy exists. `progress(done, total)` is called after each tensor.
 
     Strict: a missing or unexpected key, or a shape mismatch, is an error naming the key.
     """
-    weights = sanitize_diffusers({k: mx.array(v) if not isinstance(v, mx.array) else v for k, v in weights.items()})
     expected = dict(tree_flatten(module.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    # transformers ties `encoder.embed_tokens` to `shared` (checkpoints may hold both); our encoder reads `shared`.
+    names = {k: k for k in weights if k != "encoder.embed_tokens.weight"}
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
         raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in weights.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"weight {k} has shape {v.shape}, the model expects {expected[k].shape}")
-    module.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+    loaded = []
+    for i, key in enumerate(names):
+        value = weights.pop(key)
+        value = to_mlx_layout(key, value if isinstance(value, mx.array) else mx.array(value))
+        if value.shape != expected[key].shape:
+            raise ValueError(f"weight {key} has shape {value.shape}, the model expects {expected[key].shape}")
+        value = value.astype(mx.float32 if any(p in key for p in keep_fp32) else dtype)
+        mx.eval(value)
+        loaded.append((key, value))
+        if progress:
+            progress(i + 1, len(names))
+    weights.clear()
+    module.load_weights(loaded)
     return module
