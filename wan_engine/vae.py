@@ -1,0 +1,167 @@
+"""The Wan VAE (diffusers' `AutoencoderKLWan`) in MLX: video <-> latents, channels-last.
+
+Wan2.2 TI2V-5B's VAE (`is_residual=True`, `patch_size=2`) compresses 4x in time and 16x in space into 48 channels:
+a video (B, 4n+1, H, W, 3) encodes to latents (B, n+1, H/16, W/16, 48). The Wan2.1 layout (no patching, plain
+up/down blocks) is built too.
+
+Both directions are causal in time and run chunk by chunk as diffusers' `_encode` / `_decode` do: the encoder takes
+the first frame, then 4 frames at a time (one latent frame each); the decoder takes one latent frame at a time (the
+first decodes to 1 frame, the others to 4). A `FeatureCache` carries the last frames of every causal conv's input
+from one chunk to the next; it lives for one call, and each chunk is evaluated before the next so memory does not
+grow with the video's length.
+"""
+
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import VAEConfig
+from .vae_layers import (
+    FeatureCache,
+    WanCausalConv3d,
+    WanMidBlock,
+    WanResample,
+    WanResidualBlock,
+    WanResidualDownBlock,
+    WanResidualUpBlock,
+    WanRMS_norm,
+    WanUpBlock,
+)
+
+
+class WanEncoder3d(nn.Module):
+    def __init__(self, in_channels, dim, z_dim, dim_mult, num_res_blocks, temperal_downsample, is_residual):
+        super().__init__()
+        dims = [dim * u for u in [1] + dim_mult]
+        self.conv_in = WanCausalConv3d(in_channels, dims[0], 3, padding=1)
+
+        self.down_blocks = []
+        last = len(dim_mult) - 1
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if is_residual:
+                temporal = temperal_downsample[i] if i != last else False
+                self.down_blocks.append(WanResidualDownBlock(in_dim, out_dim, num_res_blocks, temporal, i != last))
+            else:  # Wan2.1: a flat list of residual blocks and resamplers
+                for j in range(num_res_blocks):
+                    self.down_blocks.append(WanResidualBlock(in_dim if j == 0 else out_dim, out_dim))
+                if i != last:
+                    mode = "downsample3d" if temperal_downsample[i] else "downsample2d"
+                    self.down_blocks.append(WanResample(out_dim, mode))
+
+        self.mid_block = WanMidBlock(dims[-1])
+        self.norm_out = WanRMS_norm(dims[-1], images=False)
+        self.conv_out = WanCausalConv3d(dims[-1], z_dim, 3, padding=1)
+
+    def __call__(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        x = self.conv_in.cached(x, cache)
+        for layer in self.down_blocks:
+            x = layer(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out.cached(nn.silu(self.norm_out(x)), cache)
+
+
+class WanDecoder3d(nn.Module):
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temperal_upsample, out_channels, is_residual):
+        super().__init__()
+        dims = [dim * u for u in [dim_mult[-1]] + dim_mult[::-1]]
+        self.conv_in = WanCausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.mid_block = WanMidBlock(dims[0])
+
+        self.up_blocks = []
+        last = len(dim_mult) - 1
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            up_flag = i != last
+            temporal = temperal_upsample[i] if up_flag else False
+            if is_residual:
+                self.up_blocks.append(WanResidualUpBlock(in_dim, out_dim, num_res_blocks, temporal, up_flag))
+            else:  # Wan2.1: the previous stage's upsampler halved the channels
+                mode = ("upsample3d" if temporal else "upsample2d") if up_flag else None
+                self.up_blocks.append(WanUpBlock(in_dim // 2 if i > 0 else in_dim, out_dim, num_res_blocks, mode))
+
+        self.norm_out = WanRMS_norm(dims[-1], images=False)
+        self.conv_out = WanCausalConv3d(dims[-1], out_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array, cache: FeatureCache, first_chunk: bool) -> mx.array:
+        x = self.conv_in.cached(x, cache)
+        x = self.mid_block(x, cache)
+        for up_block in self.up_blocks:
+            x = up_block(x, cache, first_chunk)
+        return self.conv_out.cached(nn.silu(self.norm_out(x)), cache)
+
+
+def patchify(x: mx.array, p: int) -> mx.array:
+    """(B, T, H, W, C) -> (B, T, H/p, W/p, C*p*p); folded channel order (c, w-offset, h-offset) as in diffusers."""
+    B, T, H, W, C = x.shape
+    if H % p or W % p:
+        raise ValueError(f"height {H} and width {W} must be divisible by the patch size {p}")
+    x = x.reshape(B, T, H // p, p, W // p, p, C).transpose(0, 1, 2, 4, 6, 5, 3)
+    return x.reshape(B, T, H // p, W // p, C * p * p)
+
+
+def unpatchify(x: mx.array, p: int) -> mx.array:
+    """Inverse of `patchify`: (B, T, h, w, C*p*p) -> (B, T, h*p, w*p, C)."""
+    B, T, h, w, Cpp = x.shape
+    x = x.reshape(B, T, h, w, Cpp // (p * p), p, p).transpose(0, 1, 2, 6, 3, 5, 4)
+    return x.reshape(B, T, h * p, w * p, Cpp // (p * p))
+
+
+class WanVAE(nn.Module):
+    """diffusers' `AutoencoderKLWan` (no tiling, no slicing): `encode` gives the posterior mean, `decode` the video."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = WanEncoder3d(c.in_channels, c.base_dim, c.z_dim * 2, c.dim_mult, c.num_res_blocks,
+                                    c.temperal_downsample, c.is_residual)
+        self.quant_conv = WanCausalConv3d(c.z_dim * 2, c.z_dim * 2, 1)
+        self.post_quant_conv = WanCausalConv3d(c.z_dim, c.z_dim, 1)
+        self.decoder = WanDecoder3d(c.decoder_base_dim, c.z_dim, c.dim_mult, c.num_res_blocks,
+                                    c.temperal_downsample[::-1], c.out_channels, c.is_residual)
+
+    @property
+    def dtype(self):
+        return self.quant_conv.weight.dtype
+
+    def encode(self, video: mx.array) -> mx.array:
+        """video (B, T, H, W, 3) in [-1, 1], T = 4n+1 -> posterior mean (B, n+1, H/16, W/16, z_dim), unnormalized.
+
+        Like diffusers, a T that is not 4n+1 drops its last (T-1) % 4 frames.
+        """
+        p = self.config.patch_size
+        video = video.astype(self.dtype)
+        cache = FeatureCache()
+        means = []
+        for i in range(1 + (video.shape[1] - 1) // 4):
+            cache.next_chunk()
+            chunk = video[:, :1] if i == 0 else video[:, 1 + 4 * (i - 1) : 1 + 4 * i]
+            if p is not None and p > 1:
+                chunk = patchify(chunk, p)
+            # quant_conv is 1x1x1, so applying it per chunk equals diffusers applying it to the whole output.
+            moments = self.quant_conv(self.encoder(chunk, cache))
+            means.append(moments[..., : self.config.z_dim])  # DiagonalGaussianDistribution: (mean, logvar)
+            mx.eval(means[-1], cache.arrays())
+        return mx.concatenate(means, axis=1)
+
+    def decode_chunks(self, z: mx.array) -> Iterator[mx.array]:
+        """z (B, t, h, w, z_dim), unnormalized -> one decoded chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1].
+
+        T_0 = 1 and T_i = 4 after it for Wan's VAEs (1 + 4 (t - 1) frames in all). Each chunk is evaluated before it
+        is yielded; between chunks the caller may report progress or stop.
+        """
+        p = self.config.patch_size
+        x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
+        cache = FeatureCache()
+        for i in range(x.shape[1]):
+            cache.next_chunk()
+            out = self.decoder(x[:, i : i + 1], cache, first_chunk=i == 0)
+            if p is not None and p > 1:
+                out = unpatchify(out, p)
+            out = mx.clip(out, -1.0, 1.0)
+            mx.eval(out, cache.arrays())
+            yield out
+
+    def decode(self, z: mx.array) -> mx.array:
+        """z (B, t, h, w, z_dim), unnormalized -> video (B, 1 + 4 (t - 1), 16 h, 16 w, 3) in [-1, 1]."""
+        return mx.concatenate(list(self.decode_chunks(z)), axis=1)

@@ -1,0 +1,315 @@
+"""Building blocks of the Wan VAE, in MLX, mirroring diffusers' `autoencoder_kl_wan.py` layer by layer.
+
+Everything is channels-last: videos are (B, T, H, W, C), images (N, H, W, C). Class and attribute names follow
+diffusers so that the parameter names equal its `state_dict()` keys.
+
+The VAE is causal in time and runs over a video chunk by chunk (see vae.py). What a layer needs from earlier chunks
+lives in a `FeatureCache`, diffusers' `feat_cache` / `feat_idx` pair, which the caller creates for each encode or
+decode call, so no state is left on the modules.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+CACHE_T = 2  # frames of its input a causal conv keeps for the next chunk (the temporal kernel is 3)
+
+
+class FeatureCache:
+    """Per-call state of the causal layers (diffusers' `feat_cache` list and `feat_idx` cursor).
+
+    Each causal layer owns one slot. The layers visit their slots in the same order in every chunk, so a cursor that
+    `next_chunk` rewinds finds them. A slot is None until its layer has seen the first chunk.
+    """
+
+    def __init__(self):
+        self.slots = []
+        self.cursor = 0
+
+    def next_chunk(self):
+        self.cursor = 0
+
+    def read(self):
+        """The current layer's slot; `write` must follow."""
+        if self.cursor == len(self.slots):
+            self.slots.append(None)
+        return self.slots[self.cursor]
+
+    def write(self, value):
+        self.slots[self.cursor] = value
+        self.cursor += 1
+
+    def arrays(self) -> list:
+        return [slot for slot in self.slots if isinstance(slot, mx.array)]
+
+
+def last_frames(history, x: mx.array) -> mx.array:
+    """The last CACHE_T frames of the video so far (`history` then `x`), as diffusers caches them.
+
+    A copy: a slice would keep the whole chunk's buffer alive until the next chunk.
+    """
+    if x.shape[1] < CACHE_T and history is not None:
+        x = mx.concatenate([history[:, -1:], x], axis=1)
+    return mx.contiguous(x[:, -CACHE_T:])
+
+
+class WanCausalConv3d(nn.Conv3d):
+    """3D convolution that is causal in time: `2 * padding_t` frames of history (zeros at the start of the video),
+    none after; `padding_h` / `padding_w` zeros on both sides, as usual."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
+        pad_t, pad_h, pad_w = (padding,) * 3 if isinstance(padding, int) else padding
+        self.history_frames = 2 * pad_t
+        self.spatial_padding = (pad_h, pad_w)
+
+    def __call__(self, x: mx.array, history: mx.array = None) -> mx.array:
+        """x: (B, T, H, W, C_in); history: up to `history_frames` frames that precede x (from the cache), or None."""
+        pad_h, pad_w = self.spatial_padding
+        zeros_t = self.history_frames
+        if history is not None and zeros_t > 0:
+            x = mx.concatenate([history, x], axis=1)
+            zeros_t -= history.shape[1]
+        # The conv pads (zeros before in time, zeros around in space) without copying x once more.
+        y = mx.conv_general(x, self.weight, stride=self.stride, padding=([zeros_t, pad_h, pad_w], [0, pad_h, pad_w]))
+        return y + self.bias
+
+    def cached(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        """Apply to one chunk: the history is what this layer kept from the previous chunks; keep this chunk's."""
+        history = cache.read()
+        cache.write(last_frames(history, x))
+        return self(x, history)
+
+
+class WanRMS_norm(nn.Module):
+    """RMS norm over channels: F.normalize(x) * sqrt(C) * gamma, i.e. x / rms(x) * gamma (bias unused by Wan).
+
+    `gamma` keeps diffusers' shape, (C, 1, 1, 1) for videos and (C, 1, 1) for images.
+    """
+
+    def __init__(self, dim: int, images: bool = True):
+        super().__init__()
+        self.gamma = mx.ones((dim, 1, 1) if images else (dim, 1, 1, 1))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # F.normalize divides by max(||x||, 1e-12); rms_norm accumulates in float32 for half inputs, as diffusers does.
+        return mx.fast.rms_norm(x, self.gamma.reshape(-1), eps=1e-12)
+
+
+class AvgDown3D(nn.Module):
+    """Parameter-free shortcut of a residual down block: fold (factor_t, factor_s, factor_s) blocks into channels,
+    then average groups of consecutive channels down to `out_channels`."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int = 1):
+        super().__init__()
+        self.out_channels = out_channels
+        self.factor_t = factor_t
+        self.factor_s = factor_s
+        self.group_size = in_channels * factor_t * factor_s * factor_s // out_channels
+
+    def __call__(self, x: mx.array) -> mx.array:
+        ft, fs = self.factor_t, self.factor_s
+        pad_t = (ft - x.shape[1] % ft) % ft  # the first chunk's single frame gets a zero frame before it
+        if pad_t:
+            x = mx.pad(x, [(0, 0), (pad_t, 0), (0, 0), (0, 0), (0, 0)])
+        B, T, H, W, C = x.shape
+        x = x.reshape(B, T // ft, ft, H // fs, fs, W // fs, fs, C)
+        # Folded channel order is (c, t-offset, h-offset, w-offset), c slowest, as diffusers' permute gives.
+        x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6)
+        x = x.reshape(B, T // ft, H // fs, W // fs, self.out_channels, self.group_size)
+        return x.mean(axis=-1)
+
+
+class DupUp3D(nn.Module):
+    """Parameter-free shortcut of a residual up block, the inverse of AvgDown3D: repeat each channel, then unfold
+    channels into (factor_t, factor_s, factor_s) blocks."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int = 1):
+        super().__init__()
+        self.out_channels = out_channels
+        self.factor_t = factor_t
+        self.factor_s = factor_s
+        self.repeats = out_channels * factor_t * factor_s * factor_s // in_channels
+
+    def __call__(self, x: mx.array, first_chunk: bool = False) -> mx.array:
+        ft, fs = self.factor_t, self.factor_s
+        B, T, H, W, _ = x.shape
+        x = mx.repeat(x, self.repeats, axis=-1)  # repeat_interleave: c0, c0, c1, c1, ...
+        x = x.reshape(B, T, H, W, self.out_channels, ft, fs, fs)
+        x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, T * ft, H * fs, W * fs, self.out_channels)
+        # The first latent frame decodes to one frame, not factor_t (its upsampler skips the time conv).
+        return x[:, ft - 1 :] if first_chunk else x
+
+
+class WanResample(nn.Module):
+    """Spatial 2x up/down sampling per frame, plus a temporal 2x in the '3d' modes.
+
+    `resample` is a list so that the conv is `resample.1`, as in diffusers' nn.Sequential; slot 0 (upsampling or
+    zero padding) has no weights.
+    """
+
+    def __init__(self, dim: int, mode: str, upsample_out_dim: int = None):
+        super().__init__()
+        self.mode = mode
+        upsample_out_dim = upsample_out_dim or dim // 2
+        if mode in ("upsample2d", "upsample3d"):
+            # 2x 'nearest-exact' (diffusers) and 'nearest' agree: both repeat each pixel twice.
+            upsample = nn.Upsample(scale_factor=2.0, mode="nearest")
+            self.resample = [upsample, nn.Conv2d(dim, upsample_out_dim, 3, padding=1)]
+        elif mode in ("downsample2d", "downsample3d"):
+            # diffusers: nn.ZeroPad2d((0, 1, 0, 1)) then the stride-2 conv; the conv does the padding (see __call__).
+            self.resample = [nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2)]
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = WanCausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = WanCausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def __call__(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        if self.mode == "upsample3d":
+            x = self._upsample_time(x, cache)
+
+        B, T, H, W, C = x.shape
+        x = x.reshape(B * T, H, W, C)
+        if self.mode.startswith("upsample"):
+            upsample, conv = self.resample
+            x = conv(upsample(x))
+        else:
+            conv = self.resample[1]
+            x = mx.conv_general(x, conv.weight, stride=2, padding=([0, 0], [1, 1])) + conv.bias
+        x = x.reshape(B, T, *x.shape[1:])
+
+        if self.mode == "downsample3d":
+            x = self._downsample_time(x, cache)
+        return x
+
+    def _upsample_time(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        """T -> 2T frames: time_conv doubles the channels, the halves become even and odd frames.
+
+        On the first chunk diffusers only marks the slot ("Rep") and leaves x alone. From the second chunk on,
+        time_conv runs as a causal conv whose history starts at the second chunk (zeros before it): diffusers calls
+        it without cache then, and caches [zeros, x] when x has one frame, which pads the same way later.
+        """
+        history = cache.read()
+        if history is None:
+            cache.write("Rep")
+            return x
+        if isinstance(history, str):
+            history = None
+        cache.write(last_frames(history, x))
+        x = self.time_conv(x, history)
+        B, T, H, W, C2 = x.shape
+        x = x.reshape(B, T, H, W, 2, C2 // 2).transpose(0, 1, 4, 2, 3, 5)
+        return x.reshape(B, T * 2, H, W, C2 // 2)
+
+    def _downsample_time(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        """Stride-2 time_conv over (previous chunk's last frame, x); the first chunk (one frame) passes unchanged."""
+        previous = cache.read()
+        cache.write(mx.contiguous(x[:, -1:]))  # diffusers keeps all of the first chunk, but reads only its last frame
+        if previous is None:
+            return x
+        return self.time_conv(mx.concatenate([previous, x], axis=1))
+
+
+class WanResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm1 = WanRMS_norm(in_dim, images=False)
+        self.conv1 = WanCausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = WanRMS_norm(out_dim, images=False)
+        self.conv2 = WanCausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = WanCausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+
+    def __call__(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        h = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        x = self.conv1.cached(nn.silu(self.norm1(x)), cache)
+        x = self.conv2.cached(nn.silu(self.norm2(x)), cache)  # dropout: 0 at inference
+        return x + h
+
+
+class WanAttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = WanRMS_norm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        identity = x
+        B, T, H, W, C = x.shape
+        x = self.to_qkv(self.norm(x.reshape(B * T, H, W, C)))
+        q, k, v = (part.reshape(B * T, 1, H * W, C) for part in mx.split(x, 3, axis=-1))
+        x = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+        x = self.proj(x.reshape(B * T, H, W, C))
+        return x.reshape(B, T, H, W, C) + identity
+
+
+class WanMidBlock(nn.Module):
+    def __init__(self, dim: int, num_layers: int = 1):
+        super().__init__()
+        self.attentions = [WanAttentionBlock(dim) for _ in range(num_layers)]
+        self.resnets = [WanResidualBlock(dim, dim) for _ in range(num_layers + 1)]
+
+    def __call__(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        x = self.resnets[0](x, cache)
+        for attention, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attention(x), cache)
+        return x
+
+
+class WanResidualDownBlock(nn.Module):
+    """Wan2.2 encoder stage: residual blocks, then an optional downsampler, plus an AvgDown3D shortcut."""
+
+    def __init__(self, in_dim, out_dim, num_res_blocks, temperal_downsample=False, down_flag=False):
+        super().__init__()
+        self.avg_shortcut = AvgDown3D(in_dim, out_dim, 2 if temperal_downsample else 1, 2 if down_flag else 1)
+        self.resnets = [WanResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks)]
+        mode = "downsample3d" if temperal_downsample else "downsample2d"
+        self.downsampler = WanResample(out_dim, mode) if down_flag else None
+
+    def __call__(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        shortcut = self.avg_shortcut(x)
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.downsampler is not None:
+            x = self.downsampler(x, cache)
+        return x + shortcut
+
+
+class WanResidualUpBlock(nn.Module):
+    """Wan2.2 decoder stage: residual blocks, then an optional upsampler, plus a DupUp3D shortcut."""
+
+    def __init__(self, in_dim, out_dim, num_res_blocks, temperal_upsample=False, up_flag=False):
+        super().__init__()
+        self.avg_shortcut = DupUp3D(in_dim, out_dim, 2 if temperal_upsample else 1, 2) if up_flag else None
+        self.resnets = [WanResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks + 1)]
+        mode = "upsample3d" if temperal_upsample else "upsample2d"
+        self.upsampler = WanResample(out_dim, mode, upsample_out_dim=out_dim) if up_flag else None
+
+    def __call__(self, x: mx.array, cache: FeatureCache, first_chunk: bool) -> mx.array:
+        block_input = x
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.upsampler is not None:
+            x = self.upsampler(x, cache)
+        if self.avg_shortcut is not None:
+            x = x + self.avg_shortcut(block_input, first_chunk)
+        return x
+
+
+class WanUpBlock(nn.Module):
+    """Wan2.1 decoder stage: residual blocks, then an optional upsampler that halves the channels."""
+
+    def __init__(self, in_dim, out_dim, num_res_blocks, upsample_mode=None):
+        super().__init__()
+        self.resnets = [WanResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks + 1)]
+        self.upsamplers = [WanResample(out_dim, upsample_mode)] if upsample_mode else None
+
+    def __call__(self, x: mx.array, cache: FeatureCache, first_chunk: bool) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, cache)
+        return x
