@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.pipelines.wan import pipeline_wan
 from mlx.utils import tree_flatten
-from tiny_models import build_tokenizer
+from wan_engine.demo import build_tokenizer
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from wan_engine import text_encoder

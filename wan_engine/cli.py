@@ -1,0 +1,121 @@
+"""Command line: `python -m wan_engine generate ...`.
+
+Errors a user can fix (bad sizes, missing files, ...) end with one line on stderr and exit code 1, never a
+traceback.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Cancelled, WanError
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a Diffusers snapshot folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to avoid; default: Wan's official negative prompt ('' for none)")
+    p.add_argument("--image", default=None, help="first frame for image-to-video")
+    p.add_argument("--width", type=int, default=1280, help="multiple of 32 (default 1280)")
+    p.add_argument("--height", type=int, default=704, help="multiple of 32 (default 704)")
+    p.add_argument("--frames", type=int, default=121, help="4n+1 (default 121: 5 s at 24 fps)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--shift", type=float, default=None, help="flow shift; default: the scheduler config's")
+    p.add_argument("--sampler", default="unipc", help="unipc (default) or euler")
+    p.add_argument("--seed", type=int, default=None, help="random when absent (printed)")
+    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--output", default=None, help="the MP4 to write (default: outputs/wan-<time>-<seed>.mp4)")
+    p.add_argument("--latents", default=None, help="initial noise .npy (1 x C x F x H/16 x W/16, float32)")
+    p.add_argument("--save-frames", default=None, help="also save the decoded frames as .npy (F x H x W x 3, [0, 1])")
+
+
+class ProgressBar:
+    """One self-rewriting line on stderr per stage."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.stage = None
+
+    def update(self, event) -> None:
+        if event.stage != self.stage and self.stage is not None:
+            self.stream.write("\n")
+        self.stage = event.stage
+        line = f"[{event.stage}] {event.message}"
+        if event.total:
+            width = 30
+            filled = int(width * event.step / event.total)
+            line = f"[{event.stage}] |{'#' * filled}{'.' * (width - filled)}| {event.step}/{event.total}"
+            if event.step_s is not None:
+                line += f"  {event.step_s:.2f} s/step  ETA {event.eta_s:.0f} s"
+            if event.memory_gib:
+                line += f"  {event.memory_gib:.1f} GiB"
+        self.stream.write("\r" + line.ljust(90))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stage is not None:
+            self.stream.write("\n")
+
+
+def run_generate(args) -> int:
+    from .engine import Engine, GenerationRequest, Result
+
+    latents = None
+    if args.latents:
+        try:
+            latents = np.load(args.latents)
+        except (OSError, ValueError) as e:
+            raise WanError(f"could not read --latents {args.latents}: {e}") from None
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image, width=args.width,
+        height=args.height, frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
+        sampler=args.sampler, seed=args.seed, fps=args.fps, latents=latents, output=args.output,
+        keep_frames=bool(args.save_frames),
+    )
+    engine = Engine(args.model, dtype=args.dtype)
+    bar = ProgressBar()
+    result = None
+    for item in engine.generate(request):
+        if isinstance(item, Result):
+            result = item
+        else:
+            bar.update(item)
+    bar.close()
+    if args.save_frames:
+        Path(args.save_frames).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.save_frames, result.frames.astype(np.float32))
+    print(f"seed {result.seed}")
+    print(f"wrote {result.video_path} ({result.timings['total_s']:.1f} s, MLX peak {result.peak_memory_gib:.2f} GiB)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wan_engine", description="Wan2.2 TI2V-5B on MLX")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_arguments(commands.add_parser("generate", help="text or image to video"))
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": run_generate}[args.command](args)
+    except WanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Cancelled:
+        print("cancelled: nothing was written", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions, ...
+        print(f"error: {e.strerror or e} ({e.filename or 'while writing'})", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, unless WAN_DEBUG asks for the traceback
+        if os.environ.get("WAN_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set WAN_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,141 @@
+"""Text (and image) to video with Wan2.2 TI2V: the only module that knows the order of the stages.
+
+Mirrors diffusers' `WanPipeline` / `WanImageToVideoPipeline` with `expand_timesteps=True`. Latents are kept
+channels-last, (B, F, H, W, C), and in float32 between steps, as diffusers keeps them.
+"""
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from .errors import Cancelled, WanError
+
+# Wan's official default negative prompt (Wan-Video/Wan2.2 `shared_config.sample_neg_prompt`).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def check_video_size(width: int, height: int, frames: int, size_multiple: int, frame_step: int) -> None:
+    """Refuse sizes the model cannot represent, saying what is allowed (diffusers silently rounds instead)."""
+    for name, value in (("width", width), ("height", height)):
+        if value < size_multiple or value % size_multiple:
+            lower = max(size_multiple, value // size_multiple * size_multiple)
+            raise WanError(
+                f"{name} {value} is not allowed: it must be a positive multiple of {size_multiple} "
+                f"(for example {lower} or {lower + size_multiple})"
+            )
+    if frames < 1 or (frames - 1) % frame_step:
+        lower = max(1, (frames - 1) // frame_step * frame_step + 1)
+        raise WanError(
+            f"frames {frames} is not allowed: it must be {frame_step}n+1 (1, {1 + frame_step}, {1 + 2 * frame_step}, "
+            f"..., for example {lower} or {lower + frame_step})"
+        )
+
+
+def latent_shape(vae_config, transformer_config, width: int, height: int, frames: int) -> tuple:
+    """diffusers' latent layout (1, C, F, H, W) for a video of this size."""
+    spatial = vae_config.scale_factor_spatial
+    return (
+        1, transformer_config.in_channels, (frames - 1) // vae_config.scale_factor_temporal + 1,
+        height // spatial, width // spatial,
+    )
+
+
+def initial_noise(seed: int, shape: tuple) -> mx.array:
+    """Standard normal noise from MLX's generator keyed by `seed` (deterministic per seed), in diffusers'
+    (B, C, F, H, W) layout like the `--latents` files, returned channels-last."""
+    noise = mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(seed))
+    return noise.transpose(0, 2, 3, 4, 1)
+
+
+def from_diffusers_layout(latents: np.ndarray, expected_shape: tuple) -> mx.array:
+    """A user-supplied (B, C, F, H, W) noise array -> channels-last float32, checking its shape."""
+    if tuple(latents.shape) != tuple(expected_shape):
+        raise WanError(
+            f"--latents has shape {tuple(latents.shape)}, this video needs {tuple(expected_shape)} "
+            "(1 x channels x ((frames-1)/4+1) x height/16 x width/16)"
+        )
+    return mx.array(latents.astype(np.float32)).transpose(0, 2, 3, 4, 1)
+
+
+def load_image(image, width: int, height: int) -> mx.array:
+    """The conditioning image as diffusers' `VideoProcessor.preprocess` prepares it: RGB, resized to exactly
+    width x height with Lanczos, scaled to [-1, 1]. Returns (1, 1, H, W, 3) float32."""
+    if not isinstance(image, Image.Image):
+        try:
+            image = Image.open(image)
+            image.load()
+        except (OSError, ValueError) as e:
+            raise WanError(f"could not read the image {image}: {e}") from None
+    image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    return mx.array(pixels * 2.0 - 1.0)[None, None]
+
+
+class LatentNormalizer:
+    """The VAE's per-channel latent statistics: the transformer works on (z - mean) / std."""
+
+    def __init__(self, vae_config):
+        self.mean = mx.array(vae_config.latents_mean, dtype=mx.float32)
+        # diffusers stores 1/std and divides by it when decoding; the same float32 arithmetic keeps parity
+        self.inv_std = 1.0 / mx.array(vae_config.latents_std, dtype=mx.float32)
+
+    def normalize(self, z: mx.array) -> mx.array:
+        return (z.astype(mx.float32) - self.mean) * self.inv_std
+
+    def denormalize(self, latents: mx.array) -> mx.array:
+        """In the latents' dtype, as diffusers casts to the VAE's dtype before denormalizing."""
+        return latents / self.inv_std.astype(latents.dtype) + self.mean.astype(latents.dtype)
+
+
+def encode_image(vae, normalizer: LatentNormalizer, image: mx.array) -> mx.array:
+    """First-frame conditioning latent (1, 1, h, w, C): the VAE's posterior mean, normalized."""
+    return normalizer.normalize(vae.encode(image.astype(vae.dtype)))
+
+
+def generate_latents(transformer, scheduler, noise, context, guidance: float, condition=None, cancel=None):
+    """Denoise `noise` (1, F, H, W, C). Yields the video latents after each step (float32); the last one is
+    the result to decode.
+
+    context: (2, L, D) text-encoder states [prompt, negative prompt] when `guidance > 1` (both run as one batch
+    of two), else (1, L, D). condition: the normalized first-frame latent for image-to-video, kept fixed as
+    frame 0 with timestep 0 (TI2V's `expand_timesteps` conditioning).
+    """
+    _, num_frames, height, width, _ = noise.shape
+    dtype = transformer.dtype
+    rope = transformer.rope(num_frames, height, width)
+    kv = transformer.cross_attention_kv(transformer.embed_text(context.astype(dtype)))
+    mx.eval(rope, kv)
+    batch = context.shape[0]
+    # per-frame timestep mask: 0 for a conditioning first frame, 1 elsewhere (diffusers' `first_frame_mask`)
+    frame_mask = mx.ones((num_frames,), mx.float32)
+    if condition is not None:
+        frame_mask = frame_mask.at[0].multiply(0.0)
+
+    latents = noise
+    for t in scheduler.timesteps:
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled()
+        x = latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
+        x = mx.broadcast_to(x.astype(dtype), (batch, *x.shape[1:]))
+        timestep = mx.broadcast_to(frame_mask * float(t), (batch, num_frames))
+        prediction = transformer(x, timestep, kv, rope)
+        if batch == 2:
+            cond, uncond = prediction[:1], prediction[1:]
+            prediction = uncond + guidance * (cond - uncond)
+        # the solver keeps evolving its own frame 0; the video's frame 0 is the condition
+        latents = scheduler.step(prediction, latents)
+        mx.eval(latents)
+        yield latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
+
+
+def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None):
+    """Decode latents chunk by chunk (one latent frame at a time, the VAE's causal cache carried along).
+    Yields each chunk's frames as float32 numpy (T_i, H, W, 3) in [0, 1], as diffusers' postprocessing gives."""
+    for chunk in vae.decode_chunks(normalizer.denormalize(latents.astype(vae.dtype))):
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled()
+        yield np.array(mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32))
