@@ -8,14 +8,22 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from .errors import Cancelled, WanError
+from .hub import DEFAULT_MODEL
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a Hugging Face repo id (default {DEFAULT_MODEL}), a local snapshot or package folder, "
+                        "or 'demo' (a tiny random model, offline)")
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a Diffusers snapshot folder")
+    add_model_argument(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None,
                    help="what to avoid; default: Wan's official negative prompt ('' for none)")
@@ -29,6 +37,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="unipc", help="unipc (default) or euler")
     p.add_argument("--seed", type=int, default=None, help="random when absent (printed)")
     p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--preset", default="normal", help="memory preset: normal, low-ram, or a .json path")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--output", default=None, help="the MP4 to write (default: outputs/wan-<time>-<seed>.mp4)")
     p.add_argument("--latents", default=None, help="initial noise .npy (1 x C x F x H/16 x W/16, float32)")
@@ -58,6 +67,10 @@ class ProgressBar:
         self.stream.write("\r" + line.ljust(90))
         self.stream.flush()
 
+    def download(self, done: int, total: int, description: str) -> None:
+        self.update(SimpleNamespace(stage="download", message=description, step=done, total=total, step_s=None,
+                                    memory_gib=0))
+
     def close(self) -> None:
         if self.stage is not None:
             self.stream.write("\n")
@@ -78,8 +91,10 @@ def run_generate(args) -> int:
         sampler=args.sampler, seed=args.seed, fps=args.fps, latents=latents, output=args.output,
         keep_frames=bool(args.save_frames),
     )
-    engine = Engine(args.model, dtype=args.dtype)
     bar = ProgressBar()
+    engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download)
+    if engine.notice:
+        print(f"note: {engine.notice}", file=sys.stderr)
     result = None
     for item in engine.generate(request):
         if isinstance(item, Result):
@@ -95,13 +110,24 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_download(args) -> int:
+    from .hub import resolve_model
+
+    bar = ProgressBar()
+    path = resolve_model(args.model, bar.download)
+    bar.close()
+    print(f"{args.model} is ready in {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_engine", description="Wan2.2 TI2V-5B on MLX")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(commands.add_parser("generate", help="text or image to video"))
+    add_model_argument(commands.add_parser("download", help="fetch a model from the Hugging Face Hub ahead of time"))
     args = parser.parse_args(argv)
     try:
-        return {"generate": run_generate}[args.command](args)
+        return {"generate": run_generate, "download": run_download}[args.command](args)
     except WanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

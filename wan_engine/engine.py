@@ -1,15 +1,16 @@
-"""The engine: one object per (model, dtype) that loads its parts lazily and runs generations.
+"""The engine: one object per (model, dtype, preset) that loads its parts lazily and runs generations.
 
 `Engine.generate(request)` is a generator of `ProgressEvent`s ending with a `Result`, so a CLI progress bar and a
-web UI can both stream every stage (loading, text encoding, image encoding, each denoising step, each decoded
-chunk, saving). A `CancelToken` stops a run within one step; a cancelled run writes nothing.
+web UI can both stream every stage (loading, text encoding, image encoding, each denoising step, decoding, saving).
+A `CancelToken` stops a run within one step; a cancelled run frees its arrays and writes nothing. The memory
+preset decides what is quantized, what is released between stages, and how the VAE decodes.
 """
 
 import gc
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -17,17 +18,23 @@ import mlx.core as mx
 import numpy as np
 
 from . import __version__
-from .errors import WanError
+from .demo import DEMO_NOTICE, cache_root
+from .errors import Cancelled, WanError
+from .hub import resolve_model
 from .loading import Snapshot
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, from_diffusers_layout,
     generate_latents, initial_noise, latent_shape, load_image,
 )
+from .presets import load_preset
+from .preview import calibrate, latent_preview
+from .prompt_cache import PromptEmbeddingCache, encoder_identity
 from .scheduler import SAMPLERS, make_scheduler
-from .text_encoder import encode_prompts
+from .text_encoder import encode_prompts, prompt_clean
 from .video import to_uint8, write_sidecar, write_video
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+TEXT_LENGTH = 512  # Wan's text length: prompts are padded (with zeros past their end) to 512 tokens
 
 
 def default_dtype() -> str:
@@ -35,7 +42,11 @@ def default_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
-def memory_gib(value: int) -> float:
+def quantize_option(quantization):  # TEMP until loading grows quantize=
+    return {"quantize": quantization} if quantization else {}
+
+
+def gib(value: int) -> float:
     return round(value / 2**30, 3)
 
 
@@ -70,11 +81,12 @@ class GenerationRequest:
     latents: np.ndarray | None = None  # initial noise (1, C, F, H, W) used instead of the seed's
     output: str | None = None  # the MP4 path; None: a timestamped name under the engine's output folder
     keep_frames: bool = False  # return the float frames in the result (for --save-frames and tests)
+    preview: bool = False  # attach a small RGB preview of the latents to each denoising event
 
 
 @dataclass
 class ProgressEvent:
-    stage: str  # load | text | image | denoise | decode | save
+    stage: str  # download | load | text | image | denoise | decode | save
     message: str
     step: int = 0
     total: int = 0
@@ -82,7 +94,7 @@ class ProgressEvent:
     step_s: float | None = None
     eta_s: float | None = None
     memory_gib: float = 0.0
-    latents: object = field(default=None, repr=False)  # the current latents while denoising (for previews)
+    preview: np.ndarray | None = field(default=None, repr=False)  # uint8 (H, W, 3), when asked for
 
 
 @dataclass
@@ -116,38 +128,60 @@ def validate(request: GenerationRequest, size_multiple: int, frame_step: int) ->
 
 
 class Engine:
-    def __init__(self, model, dtype: str | None = None, output_dir="outputs"):
+    def __init__(self, model, dtype: str | None = None, preset: str = "normal", output_dir="outputs",
+                 download_progress=None, prompt_cache: PromptEmbeddingCache | None = None):
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
             raise WanError(f"dtype {dtype!r} is not allowed: choose one of {', '.join(DTYPES)}")
         self.model = str(model)
-        self.snapshot = Snapshot.open(model)
-        self.dtype_name = dtype
-        self.dtype = DTYPES[dtype]
+        self.root = resolve_model(self.model, download_progress)
+        self.snapshot = Snapshot.open(self.root)
+        self.is_demo = (self.root / "DEMO.txt").is_file()
+        self.dtype_name, self.dtype = dtype, DTYPES[dtype]
+        self.preset = load_preset(preset)
         self.output_dir = Path(output_dir)
         self.transformer_config = self.snapshot.transformer_config
         self.vae_config = self.snapshot.vae_config
         self.scheduler_config = self.snapshot.scheduler_config
         self.size_multiple = self.vae_config.scale_factor_spatial * self.transformer_config.patch_size[1]
         self.frame_step = self.vae_config.scale_factor_temporal
-        self.parts = {}  # name -> loaded module (tokenizer, text_encoder, transformer, vae)
+        self.normalizer = LatentNormalizer(self.vae_config)
+        self.prompt_cache = prompt_cache or PromptEmbeddingCache(cache_root() / "prompt-embeddings")
+        self.text_identity = encoder_identity(self.root, dtype, self.preset.text_encoder_quantization)
+        self.parts = {}  # name -> loaded module: tokenizer, text_encoder, transformer, vae
+        self.preview_map = None  # latent -> RGB map, calibrated on the first run that asks for previews
+        if self.preset.memory_limit_gib:
+            mx.set_memory_limit(int(self.preset.memory_limit_gib * 2**30))
+        if self.preset.cache_limit_gib is not None:
+            mx.set_cache_limit(int(self.preset.cache_limit_gib * 2**30))
 
-    # -- loading ---------------------------------------------------------------------------------------------------
-    def _load(self, name: str):
-        """Load one part if it is not loaded yet; yields progress events while it loads."""
+    @property
+    def notice(self) -> str | None:
+        """What the user must know about this model (the demo model's videos are noise-like)."""
+        return DEMO_NOTICE if self.is_demo else None
+
+    # -- loading and releasing -------------------------------------------------------------------------------------
+    def _load(self, name: str, timings: dict):
+        """Load one part unless it is loaded; yields progress events while it loads."""
         if name in self.parts:
             return
+        label = name.replace("_", " ")
         start = time.perf_counter()
-        yield ProgressEvent("load", f"loading {name.replace('_', ' ')}")
-        loaders = {
-            "tokenizer": self.snapshot.load_tokenizer,
-            "text_encoder": lambda: self.snapshot.load_text_encoder(self.dtype),
-            "transformer": lambda: self.snapshot.load_transformer(self.dtype),
-            "vae": lambda: self.snapshot.load_vae(self.dtype),
-        }
-        self.parts[name] = loaders[name]()
+        yield ProgressEvent("load", f"loading the {label}")
+        snapshot, preset = self.snapshot, self.preset
+        if name == "tokenizer":
+            part = snapshot.load_tokenizer()
+        elif name == "text_encoder":
+            part = snapshot.load_text_encoder(self.dtype, **quantize_option(preset.text_encoder_quantization))
+        elif name == "transformer":
+            part = snapshot.load_transformer(self.dtype, **quantize_option(preset.transformer_quantization))
+        else:
+            part = snapshot.load_vae(self.dtype)
+        self.parts[name] = part
         elapsed = time.perf_counter() - start
-        yield ProgressEvent("load", f"loaded {name.replace('_', ' ')} in {elapsed:.1f}s", elapsed_s=elapsed)
+        timings["load_s"] = round(timings.get("load_s", 0.0) + elapsed, 4)
+        yield ProgressEvent("load", f"loaded the {label} in {elapsed:.1f} s", elapsed_s=elapsed,
+                            memory_gib=gib(mx.get_active_memory()))
 
     def release(self, *names: str) -> None:
         """Drop loaded parts (all when no name is given) and return their memory to the system."""
@@ -156,14 +190,46 @@ class Engine:
         gc.collect()
         mx.clear_cache()
 
+    def _end_stage(self) -> None:
+        if self.preset.clear_cache_between_stages:
+            gc.collect()
+            mx.clear_cache()
+
+    # -- stages ----------------------------------------------------------------------------------------------------
+    def _encode_text(self, prompts: list[str], timings: dict):
+        """Embeddings (len(prompts), 512, D) as the text encoder's dtype; the cache first, UMT5 for misses.
+        Each prompt is encoded on its own, so a cached and a fresh embedding are the same numbers."""
+        rows = []
+        for prompt in prompts:
+            key = self.prompt_cache.key(self.text_identity, prompt_clean(prompt), TEXT_LENGTH)
+            cached = self.prompt_cache.get(key, TEXT_LENGTH)
+            if cached is None:
+                yield from self._load("tokenizer", timings)
+                yield from self._load("text_encoder", timings)
+                embedding = encode_prompts(self.parts["text_encoder"], self.parts["tokenizer"], [prompt], TEXT_LENGTH)
+                cached = np.array(embedding[0].astype(mx.float32))
+                self.prompt_cache.put(key, cached)
+            rows.append(cached)
+        if self.preset.release_text_encoder:
+            self.release("text_encoder")
+        return mx.array(np.stack(rows)).astype(self.dtype)
+
+    def _calibrate_preview(self, timings: dict):
+        yield from self._load("vae", timings)
+        self.preview_map = calibrate(self.parts["vae"], self.normalizer, self.vae_config.scale_factor_spatial)
+
+    def _vae_tile(self, width: int, height: int):
+        tile = self.preset.vae_tile
+        return tile if tile is not None and width * height >= tile.get("min_pixels", 0) else None
+
     # -- generation ------------------------------------------------------------------------------------------------
     def settings(self, request: GenerationRequest, seed: int, negative: str) -> dict:
         return {
             "prompt": request.prompt, "negative_prompt": negative,
-            "image": None if request.image is None else str(getattr(request.image, "filename", request.image)),
+            "image": None if request.image is None else str(getattr(request.image, "filename", "") or request.image),
             "width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps,
             "guidance": request.guidance, "shift": self.shift(request), "sampler": request.sampler, "seed": seed,
-            "fps": request.fps, "dtype": self.dtype_name, "model": self.model,
+            "fps": request.fps, "dtype": self.dtype_name, "model": self.model, "preset": self.preset.name,
         }
 
     def shift(self, request: GenerationRequest) -> float:
@@ -171,87 +237,104 @@ class Engine:
 
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None):
         """Run one generation: yields ProgressEvents, then the Result. Raises WanError on bad input and
-        errors.Cancelled when `cancel` was set (nothing is written then)."""
+        errors.Cancelled when `cancel` was set (its memory freed, nothing written)."""
+        try:
+            yield from self._generate(request, cancel)
+        except Cancelled:
+            gc.collect()
+            mx.clear_cache()
+            raise
+
+    def _generate(self, request: GenerationRequest, cancel: CancelToken | None):
         validate(request, self.size_multiple, self.frame_step)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         negative = DEFAULT_NEGATIVE_PROMPT if request.negative_prompt is None else request.negative_prompt
         shape = latent_shape(self.vae_config, self.transformer_config, request.width, request.height, request.frames)
-        if request.latents is not None:
-            noise = from_diffusers_layout(request.latents, shape)
-        else:
-            noise = initial_noise(seed, shape)
+        noise = from_diffusers_layout(request.latents, shape) if request.latents is not None else initial_noise(seed, shape)
         image = None if request.image is None else load_image(request.image, request.width, request.height)
         use_cfg = request.guidance > 1.0
+        preset = self.preset
 
         mx.reset_peak_memory()
         timings = {}
-        run_start = stage_start = time.perf_counter()
+        run_start = time.perf_counter()
 
-        def lap(name):
-            nonlocal stage_start
-            now = time.perf_counter()
-            timings[name] = round(now - stage_start, 4)
-            stage_start = now
-
-        for part in ("tokenizer", "text_encoder", "transformer", "vae"):
-            yield from self._load(part)
-        lap("load_s")
+        def lap(name, since):
+            timings[name] = round(time.perf_counter() - since, 4)
 
         yield ProgressEvent("text", "encoding the prompt" + (" and the negative prompt" if use_cfg else ""))
-        prompts = [request.prompt, negative] if use_cfg else [request.prompt]
-        context = encode_prompts(self.parts["text_encoder"], self.parts["tokenizer"], prompts)
+        start = time.perf_counter()
+        context = yield from self._encode_text([request.prompt, negative] if use_cfg else [request.prompt], timings)
         mx.eval(context)
-        lap("text_s")
+        timings["text_s"] = round(time.perf_counter() - start - timings.get("load_s", 0.0), 4)  # loading apart
+        self._end_stage()
 
-        normalizer = LatentNormalizer(self.vae_config)
         condition = None
+        if image is not None or (request.preview and self.preview_map is None):
+            yield from self._load("vae", timings)
         if image is not None:
             yield ProgressEvent("image", "encoding the first frame")
-            condition = encode_image(self.parts["vae"], normalizer, image)
+            start = time.perf_counter()
+            condition = encode_image(self.parts["vae"], self.normalizer, image)
             mx.eval(condition)
-            lap("image_s")
+            lap("image_s", start)
+        if request.preview and self.preview_map is None:
+            yield from self._calibrate_preview(timings)
+        if preset.release_transformer_before_decode:  # low memory: the VAE is not kept beside the transformer
+            self.release("vae")
+        self._end_stage()
 
+        yield from self._load("transformer", timings)
         scheduler = make_scheduler(request.sampler, request.steps, self.shift(request), self.scheduler_config)
-        steps = generate_latents(
-            self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel
-        )
-        denoise_start = time.perf_counter()
+        steps = generate_latents(self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel)
+        start = time.perf_counter()
         for i, latents in enumerate(steps, start=1):
-            elapsed = time.perf_counter() - denoise_start
+            elapsed = time.perf_counter() - start
             per_step = elapsed / i
-            yield ProgressEvent(
-                "denoise", f"step {i}/{request.steps}", i, request.steps, elapsed, per_step,
-                per_step * (request.steps - i), memory_gib(mx.get_active_memory()), latents,
-            )
-        lap("denoise_s")
+            preview = latent_preview(latents, self.preview_map) if request.preview else None
+            yield ProgressEvent("denoise", f"step {i}/{request.steps}", i, request.steps, elapsed, per_step,
+                                per_step * (request.steps - i), gib(mx.get_active_memory()), preview)
+        lap("denoise_s", start)
         timings["denoise_s_per_step"] = round(timings["denoise_s"] / request.steps, 4)
-        del noise, context, condition
+        del noise, context, condition, steps
+        if preset.release_transformer_before_decode:
+            self.release("transformer")
+        self._end_stage()
 
-        chunks = []
-        frames_float = [] if request.keep_frames else None
-        total_chunks = latents.shape[1]
-        for i, frames in enumerate(decode_frames(self.parts["vae"], normalizer, latents, cancel), start=1):
-            chunks.append(to_uint8(frames))
-            if frames_float is not None:
-                frames_float.append(frames)
-            yield ProgressEvent("decode", f"decoded {i}/{total_chunks}", i, total_chunks,
-                                memory_gib=memory_gib(mx.get_active_memory()))
-        lap("decode_s")
+        yield from self._load("vae", timings)
+        start = time.perf_counter()
+        chunks, frames_float = [], []
+        tile = self._vae_tile(request.width, request.height)
+        for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile):
+            if frames is not None:
+                chunks.append(to_uint8(frames))
+                if request.keep_frames:
+                    frames_float.append(frames)
+            what = "tile" if tile else "latent frame"
+            yield ProgressEvent("decode", f"decoded {what} {done}/{total}", done, total,
+                                memory_gib=gib(mx.get_active_memory()))
+        lap("decode_s", start)
+        del latents
+        self._end_stage()
 
         yield ProgressEvent("save", "writing the video")
+        start = time.perf_counter()
         settings = self.settings(request, seed, negative)
         video_path = self.output_path(request, seed)
         write_video(video_path, np.concatenate(chunks), request.fps, {"title": request.prompt, "comment": settings})
-        lap("save_s")
+        lap("save_s", start)
         timings["total_s"] = round(time.perf_counter() - run_start, 4)
-        peak = memory_gib(mx.get_peak_memory())
+        peak = gib(mx.get_peak_memory())
         record = {
             "seed": seed, "settings": settings, "timings": timings, "peak_memory_gib": peak,
-            "engine_version": __version__, "video": video_path.name, "created": datetime.now().isoformat(timespec="seconds"),
+            "engine_version": __version__, "video": video_path.name,
+            "created": datetime.now().isoformat(timespec="seconds"),
         }
+        if self.notice:
+            record["notice"] = self.notice
         sidecar = write_sidecar(video_path.with_suffix(".json"), record)
         yield Result(video_path, sidecar, seed, settings, timings, peak,
-                     np.concatenate(frames_float) if frames_float is not None else None)
+                     np.concatenate(frames_float) if request.keep_frames else None)
 
     def output_path(self, request: GenerationRequest, seed: int) -> Path:
         if request.output:

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import Cancelled, WanError
+from .vae_tiling import decode_tiled
 
 # Wan's official default negative prompt (Wan-Video/Wan2.2 `shared_config.sample_neg_prompt`).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -132,10 +133,21 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
         yield latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
 
 
-def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None):
-    """Decode latents chunk by chunk (one latent frame at a time, the VAE's causal cache carried along).
-    Yields each chunk's frames as float32 numpy (T_i, H, W, 3) in [0, 1], as diffusers' postprocessing gives."""
-    for chunk in vae.decode_chunks(normalizer.denormalize(latents.astype(vae.dtype))):
-        if cancel is not None and cancel.cancelled:
-            raise Cancelled()
-        yield np.array(mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32))
+def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None, tile=None):
+    """Decode latents to float32 frames in [0, 1] (diffusers' postprocessing), yielding (done, total, frames):
+    untiled, one chunk per latent frame (the VAE's causal cache carried along), `frames` (T_i, H, W, 3);
+    tiled (`tile` = {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at
+    the end (`frames` None before)."""
+
+    def chunks(z):
+        for chunk in vae.decode_chunks(z):
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled()
+            yield np.array(mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32))
+
+    z = normalizer.denormalize(latents.astype(vae.dtype))
+    if tile is None:
+        for i, frames in enumerate(chunks(z), start=1):
+            yield i, z.shape[1], frames
+        return
+    yield from decode_tiled(chunks, z, vae.config.scale_factor_spatial, tile["tile"], tile["overlap"])

@@ -1,0 +1,48 @@
+"""Memory presets: plain JSON data in `presets/`, chosen by name (`--preset low-ram`) or path.
+
+A preset says which parts are quantized on load, which are released between stages, how the VAE decodes
+(spatial tiles in latent pixels, with overlap, above a size), and MLX's allocator limits.
+"""
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import WanError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str = ""
+    transformer_quantization: dict | None = None  # {"bits": 8|4, "group_size": 64}
+    text_encoder_quantization: dict | None = None
+    release_text_encoder: bool = True  # after encoding; the prompt-embedding cache covers repeats
+    release_transformer_before_decode: bool = False
+    vae_tile: dict | None = None  # {"min_pixels": decode untiled below this many pixels per frame, "tile", "overlap"}
+    memory_limit_gib: float | None = None  # mx.set_memory_limit
+    cache_limit_gib: float | None = None  # mx.set_cache_limit: how much freed memory MLX may keep for reuse
+    clear_cache_between_stages: bool = True
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def load_preset(name_or_path: str) -> Preset:
+    path = Path(name_or_path)
+    if not path.suffix == ".json":
+        path = PRESETS_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise WanError(f"preset {name_or_path!r} not found: choose one of {', '.join(available_presets())} or a .json path")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WanError(f"preset {path} is not valid JSON: {e}") from None
+    known = {f.name for f in fields(Preset)} - {"name"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise WanError(f"preset {path} has unknown settings {unknown}: allowed are {sorted(known)}")
+    return Preset(name=path.stem, **data)
