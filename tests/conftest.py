@@ -45,3 +45,9 @@ def run_cli(args, env, cwd=None) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "wan_engine", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=600,
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """The demo model and the prompt-embedding cache go to a fresh folder, for this process and subprocesses."""
+    os.environ["WAN_STUDIO_CACHE"] = str(tmp_path_factory.mktemp("wan-studio-cache"))

@@ -1,0 +1,140 @@
+"""Engine features around the pipeline: the prompt-embedding cache, live previews, tiled VAE decoding, memory
+presets and the demo model."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from wan_engine import vae_tiling
+from wan_engine.engine import Engine, GenerationRequest, Result
+from wan_engine.errors import WanError
+from wan_engine.loading import Snapshot
+from wan_engine.pipeline import LatentNormalizer, decode_frames
+from wan_engine.presets import available_presets, load_preset
+from wan_engine.prompt_cache import PromptEmbeddingCache
+
+SMALL = dict(width=64, height=64, frames=5, steps=2, seed=5)
+
+
+def generate(engine, **request):
+    *events, result = engine.generate(GenerationRequest(keep_frames=True, **request))
+    assert isinstance(result, Result)
+    return events, result
+
+
+def test_repeated_prompt_skips_the_text_encoder(snapshots, tmp_path):
+    cache = PromptEmbeddingCache(tmp_path / "cache")
+    engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path, prompt_cache=cache)
+    first_events, first = generate(engine, prompt="a paper boat", negative_prompt="rain", **SMALL)
+    assert "loading the text encoder" in [e.message for e in first_events]
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # prompt and negative prompt
+    # a new engine (as after a restart): the cache alone serves both prompts, UMT5 is never loaded
+    engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path, prompt_cache=cache)
+    events, again = generate(engine, prompt="  a paper   boat ", negative_prompt="rain", **SMALL)
+    assert not [e for e in events if "text encoder" in e.message or "tokenizer" in e.message]
+    assert "text_encoder" not in engine.parts
+    assert np.array_equal(first.frames, again.frames)
+    # another dtype is another key
+    assert PromptEmbeddingCache.key(engine.text_identity, "x", 512) != PromptEmbeddingCache.key(
+        Engine(snapshots["small"], dtype="bfloat16", prompt_cache=cache).text_identity, "x", 512)
+
+
+def test_prompt_cache_is_bounded_and_least_recently_used_goes_first(tmp_path):
+    cache = PromptEmbeddingCache(tmp_path, max_bytes=3 * (16 * 8 * 4 + 128))
+    embedding = np.zeros((32, 8), np.float32)
+    embedding[:16] = 1.0
+    for i in range(5):
+        cache.put(f"k{i}", embedding)
+        cache.get("k0", 32)  # keep k0 recently used
+    kept = sorted(p.stem for p in tmp_path.glob("*.npy"))
+    assert "k0" in kept and "k1" not in kept and len(kept) <= 3
+    restored = cache.get("k0", 32)
+    assert restored.shape == (32, 8) and np.array_equal(restored, embedding)
+
+
+def test_previews_stream_with_each_denoising_step(snapshots, tmp_path):
+    engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path)
+    events, _ = generate(engine, prompt="a lantern", preview=True, **SMALL)
+    previews = [e.preview for e in events if e.stage == "denoise"]
+    assert len(previews) == SMALL["steps"]
+    assert all(p.dtype == np.uint8 and p.shape == (16, 16, 3) for p in previews)  # 4x4 latents, 4x enlarged
+    assert previews[0].std() > 0 and not np.array_equal(previews[0], previews[-1])
+    events, _ = generate(engine, prompt="a lantern", **SMALL)
+    assert all(e.preview is None for e in events)
+
+
+def seam_strength(tiled: np.ndarray, untiled: np.ndarray, edges: list[int]) -> float:
+    """How much the tiled-minus-untiled error jumps across tile edges (along the width), relative to how much it
+    changes between neighbouring columns elsewhere: ~1 for smooth blending, clearly more for hard cuts."""
+    steps = np.abs(np.diff(tiled - untiled, axis=2)).mean(axis=(0, 1, 3))
+    return max(steps[e - 1] for e in edges) / np.median(steps)
+
+
+def test_tiled_decoding_is_close_to_untiled_and_has_no_seams(snapshots):
+    snapshot = Snapshot.open(snapshots["small"])
+    vae, normalizer = snapshot.load_vae(mx.float32), LatentNormalizer(snapshot.vae_config)
+    z = mx.random.normal((1, 3, 10, 14, 12), key=mx.random.key(0))
+    untiled = np.concatenate([f for _, _, f in decode_frames(vae, normalizer, z)])
+    items = list(decode_frames(vae, normalizer, z, tile={"tile": 8, "overlap": 4}))
+    assert [(done, total) for done, total, _ in items] == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+    tiled = items[-1][2]
+    assert tiled.shape == untiled.shape == (9, 160, 224, 3)
+    difference = np.abs(tiled - untiled)
+    # measured on this random tiny VAE: mean 0.018, max 0.22 (frames in [0, 1]); trained VAEs differ far less
+    assert difference.mean() < 0.025 and difference.max() < 0.3
+    edges = sorted({e * 16 for s in vae_tiling.tile_starts(14, 8, 4) for e in (s, s + 8) if 0 < e < 14})
+    assert seam_strength(tiled, untiled, edges) < 2.0  # hard cuts measure 3.5 here
+
+
+def test_tile_layout_covers_the_frame_with_the_asked_overlap():
+    assert vae_tiling.tile_starts(44, 48, 8) == [0]
+    assert vae_tiling.tile_starts(80, 48, 8) == [0, 32]
+    assert vae_tiling.tile_starts(100, 24, 6) == [0, 18, 36, 54, 72, 76]
+    weights = vae_tiling.ramp(10, 3, 3)
+    assert weights.max() == 1 and weights[0] < weights[1] < weights[2] < 1 and weights[-1] < weights[-2]
+
+
+def test_presets_are_different_data_and_bad_ones_are_refused(tmp_path):
+    assert {"normal", "low-ram"} <= set(available_presets())
+    normal, low = load_preset("normal"), load_preset("low-ram")
+    assert normal != low and low.transformer_quantization and low.release_transformer_before_decode
+    with pytest.raises(WanError, match="preset 'tiny' not found: choose one of .*low-ram.*normal"):
+        load_preset("tiny")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"release_everything": True}))
+    with pytest.raises(WanError, match=r"unknown settings \['release_everything'\]"):
+        load_preset(str(bad))
+
+
+def test_a_preset_releasing_parts_gives_the_same_video(snapshots, tmp_path):
+    """Releasing and reloading parts between stages (as the low-memory preset does) changes nothing."""
+    preset = tmp_path / "lean.json"
+    preset.write_text(json.dumps({"release_text_encoder": True, "release_transformer_before_decode": True,
+                                  "vae_tile": None, "cache_limit_gib": 0}))
+    _, reference = generate(Engine(snapshots["small"], dtype="float32", output_dir=tmp_path), prompt="a kite", **SMALL)
+    lean = Engine(snapshots["small"], dtype="float32", preset=str(preset), output_dir=tmp_path)
+    events, result = generate(lean, prompt="a kite", image=None, **SMALL)
+    assert np.array_equal(result.frames, reference.frames)
+    assert "transformer" not in lean.parts and "text_encoder" not in lean.parts
+    assert result.settings["preset"] == "lean"
+
+
+@pytest.mark.parametrize("preset", ["normal", "low-ram"])
+def test_demo_model_runs_offline_without_torch_with_each_preset(preset, no_torch_env, tmp_path):
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"{preset}-{run}.mp4"
+        proc = run_cli(["generate", "--model", "demo", "--preset", preset, "--prompt", "a red kite", "--width", 96,
+                        "--height", 64, "--frames", 9, "--steps", 2, "--seed", 3, "--output", out,
+                        "--save-frames", tmp_path / f"{preset}-{run}.npy"], no_torch_env)
+        assert proc.returncode == 0, proc.stderr
+        assert "demo model: random weights" in proc.stderr
+        sidecar = json.loads(out.with_suffix(".json").read_text())
+        assert {"seed", "settings", "timings", "peak_memory_gib"} <= set(sidecar)
+        assert sidecar["settings"]["preset"] == preset and sidecar["seed"] == 3
+        outputs.append(np.load(tmp_path / f"{preset}-{run}.npy"))
+    assert outputs[0].shape == (9, 64, 96, 3)
+    assert np.array_equal(outputs[0], outputs[1])  # the demo model is deterministic
