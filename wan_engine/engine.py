@@ -175,6 +175,8 @@ class Engine:
             part = snapshot.load_text_encoder(self.dtype, **quantize_option(preset.text_encoder_quantization))
         elif name == "transformer":
             part = snapshot.load_transformer(self.dtype, **quantize_option(preset.transformer_quantization))
+            if preset.compile:
+                part.compile()
         else:
             part = snapshot.load_vae(self.dtype)
         self.parts[name] = part
@@ -259,14 +261,20 @@ class Engine:
         timings = {}
         run_start = time.perf_counter()
 
+        stage_peaks = {}
+
         def lap(name, since):
+            """Close a stage: its time, and the MLX peak since the previous stage closed."""
             timings[name] = round(time.perf_counter() - since, 4)
+            stage_peaks[name.removesuffix("_s")] = gib(mx.get_peak_memory())
+            mx.reset_peak_memory()
 
         yield ProgressEvent("text", "encoding the prompt" + (" and the negative prompt" if use_cfg else ""))
         start = time.perf_counter()
         context = yield from self._encode_text([request.prompt, negative] if use_cfg else [request.prompt], timings)
         mx.eval(context)
-        timings["text_s"] = round(time.perf_counter() - start - timings.get("load_s", 0.0), 4)  # loading apart
+        lap("text_s", start)
+        timings["text_s"] = round(timings["text_s"] - timings.get("load_s", 0.0), 4)  # loading counted apart
         self._end_stage()
 
         condition = None
@@ -324,9 +332,10 @@ class Engine:
         write_video(video_path, np.concatenate(chunks), request.fps, {"title": request.prompt, "comment": settings})
         lap("save_s", start)
         timings["total_s"] = round(time.perf_counter() - run_start, 4)
-        peak = gib(mx.get_peak_memory())
+        peak = max(stage_peaks.values())
         record = {
             "seed": seed, "settings": settings, "timings": timings, "peak_memory_gib": peak,
+            "stage_peak_memory_gib": stage_peaks,
             "engine_version": __version__, "video": video_path.name,
             "created": datetime.now().isoformat(timespec="seconds"),
         }

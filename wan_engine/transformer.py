@@ -218,11 +218,17 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, config.eps)
         self.proj_out = nn.Linear(dim, out_channels)
         self.scale_shift_table = mx.zeros((1, 2, dim))
+        self._compiled_blocks = None  # set by compile()
 
     @property
     def dtype(self) -> mx.Dtype:
         """The compute dtype: the patch embedding's (diffusers' pipeline casts its inputs to the transformer dtype)."""
         return self.patch_embedding.weight.dtype
+
+    def compile(self) -> None:
+        """Run each block as an `mx.compile`d graph: its many float32 elementwise steps (modulation, norms, gates,
+        residuals) fuse into few kernels. The weights are captured as constants, so call this after loading."""
+        self._compiled_blocks = [mx.compile(block) for block in self.blocks]
 
     def _token_grid(self, num_frames: int, height: int, width: int) -> tuple:
         p_t, p_h, p_w = self.config.patch_size
@@ -269,7 +275,7 @@ class WanTransformer(nn.Module):
         timestep_proj = timestep_proj.reshape(*timestep.shape, 6, -1)  # (B, G, 6, dim)
 
         x = x.reshape(batch, groups, -1, x.shape[-1])  # (B, G, tokens per group, dim)
-        for block, kv in zip(self.blocks, context):
+        for block, kv in zip(self._compiled_blocks or self.blocks, context):
             x = block(x, timestep_proj, kv, rope)
 
         # Output norm with the final float32 modulation, projection, unpatchify
