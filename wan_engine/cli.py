@@ -96,17 +96,47 @@ def run_generate(args) -> int:
     if engine.notice:
         print(f"note: {engine.notice}", file=sys.stderr)
     result = None
-    for item in engine.generate(request):
-        if isinstance(item, Result):
-            result = item
-        else:
-            bar.update(item)
-    bar.close()
+    try:
+        for item in engine.generate(request):
+            if isinstance(item, Result):
+                result = item
+            else:
+                bar.update(item)
+    finally:
+        bar.close()  # an error message then starts on a line of its own
     if args.save_frames:
         Path(args.save_frames).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_frames, result.frames.astype(np.float32))
     print(f"seed {result.seed}")
     print(f"wrote {result.video_path} ({result.timings['total_s']:.1f} s, MLX peak {result.peak_memory_gib:.2f} GiB)")
+    return 0
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p)
+    p.add_argument("--output", required=True, help="the package folder to create")
+    p.add_argument("--quantize", default="q8",
+                   help="q8 (default) or q4: the transformer's attention and feed-forward linears; bf16: none")
+    p.add_argument("--quantize-text-encoder", action="store_true",
+                   help="quantize the text encoder too (smaller and lighter on memory, slightly less exact)")
+
+
+def run_convert(args) -> int:
+    from .hub import resolve_model
+    from .packages import convert
+
+    bar = ProgressBar()
+    source = resolve_model(args.model, bar.download)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar.update(SimpleNamespace(stage=stage, message="", step=done, total=total, step_s=None, memory_gib=0))
+
+    try:
+        package = convert(source, args.output, args.quantize, args.quantize_text_encoder, progress,
+                          source_name=args.model)
+    finally:
+        bar.close()  # an error message then starts on a line of its own
+    print(f"wrote {package}")
     return 0
 
 
@@ -125,9 +155,10 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(commands.add_parser("generate", help="text or image to video"))
     add_model_argument(commands.add_parser("download", help="fetch a model from the Hugging Face Hub ahead of time"))
+    add_convert_arguments(commands.add_parser("convert", help="write a bf16 / q8 / q4 package that generate loads"))
     args = parser.parse_args(argv)
     try:
-        return {"generate": run_generate, "download": run_download}[args.command](args)
+        return {"generate": run_generate, "download": run_download, "convert": run_convert}[args.command](args)
     except WanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

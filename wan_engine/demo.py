@@ -18,6 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import TextEncoderConfig, TransformerConfig, VAEConfig
+from .weights import to_diffusers_layout
 
 DEMO_VERSION = 1
 DEMO_NOTICE = "demo model: random weights, so the video is noise-like; it shows the app working, not Wan2.2"
@@ -85,15 +86,6 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wan-studio"
     )
     return Path(base)
-
-
-def to_diffusers_layout(key: str, value: np.ndarray) -> np.ndarray:
-    """Inverse of weights.to_mlx_layout: MLX channels-last conv kernels -> PyTorch (O, I, k...)."""
-    if key.endswith(".weight") and value.ndim == 5:
-        return value.transpose(0, 4, 1, 2, 3)
-    if key.endswith(".weight") and value.ndim == 4:
-        return value.transpose(0, 3, 1, 2)
-    return value
 
 
 def random_weights(module, rng: np.random.Generator) -> dict:

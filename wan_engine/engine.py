@@ -42,10 +42,6 @@ def default_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
-def quantize_option(quantization):  # TEMP until loading grows quantize=
-    return {"quantize": quantization} if quantization else {}
-
-
 def gib(value: int) -> float:
     return round(value / 2**30, 3)
 
@@ -172,9 +168,9 @@ class Engine:
         if name == "tokenizer":
             part = snapshot.load_tokenizer()
         elif name == "text_encoder":
-            part = snapshot.load_text_encoder(self.dtype, **quantize_option(preset.text_encoder_quantization))
+            part = snapshot.load_text_encoder(self.dtype, quantize=preset.text_encoder_quantization)
         elif name == "transformer":
-            part = snapshot.load_transformer(self.dtype, **quantize_option(preset.transformer_quantization))
+            part = snapshot.load_transformer(self.dtype, quantize=preset.transformer_quantization)
             if preset.compile:
                 part.compile()
         else:

@@ -8,7 +8,10 @@ from .errors import WanError
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 # What the engine reads from a Diffusers snapshot; READMEs, example media and other formats are skipped.
-ALLOW_PATTERNS = ["model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/*", "transformer/*", "vae/*"]
+ALLOW_PATTERNS = [
+    "model_index.json", "wan_studio_package.json", "scheduler/*", "tokenizer/*", "text_encoder/*", "transformer/*",
+    "vae/*",
+]
 
 
 def is_offline() -> bool:

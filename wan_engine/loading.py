@@ -1,4 +1,12 @@
-"""Reading a Diffusers snapshot folder: configs, tokenizer and the safetensors weights of each component.
+"""Reading a model folder: configs, tokenizer and the safetensors weights of each component.
+
+Three formats share the Diffusers folder layout (`model_index.json` plus one folder per component):
+- a Diffusers snapshot (`Wan-AI/Wan2.2-TI2V-5B-Diffusers`): Diffusers key names, PyTorch layouts;
+- a Wan Studio package (`python -m wan_engine convert`): the same, in bfloat16, plus `wan_studio_package.json`
+  recording which components hold quantized linears (stored as MLX writes them: weight, scales, biases);
+- an mlx-gen package (`mlxgen prepare`): its transformer/ and vae/ were written by MLX with mlx-gen's key names,
+  channels-last, and say so in their safetensors header metadata; they have no config.json, so the TI2V-5B
+  configs shipped in `configs/` apply unless the folder holds one.
 
 The weights are memory-mapped lazily by `mx.load` and cast while being assigned, so a component never exists in
 two copies (on-disk dtype and compute dtype) at once, except for the tensor being converted.
@@ -13,9 +21,18 @@ import mlx.core as mx
 
 from .config import SchedulerConfig, TextEncoderConfig, TransformerConfig, VAEConfig
 from .errors import WanError
-from .weights import load_into
+from .quantize import POLICIES, quantize_as_stored, quantize_layers, stored_quantization
+from .weights import load_into, sanitize_mlxgen_transformer, sanitize_mlxgen_vae
 
 COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+PACKAGE_RECORD = "wan_studio_package.json"
+PACKAGE_FORMAT = "wan-studio-package"
+PACKAGE_VERSION = 1
+# `Wan-AI/Wan2.2-TI2V-5B-Diffusers`' transformer and VAE config.json, copied from diffusers'
+# scripts/convert_wan_to_diffusers.py and checked against the official Wan-Video/Wan2.2 wan/modules/vae2_2.py
+# (latents_mean / latents_std) and wan/configs/wan_ti2v_5B.py; configs/README.md says which value came from where.
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+MLXGEN_SANITIZERS = {"transformer": sanitize_mlxgen_transformer, "vae": sanitize_mlxgen_vae}
 
 # diffusers' `WanTransformer3DModel._keep_in_fp32_modules` (matched as substrings of parameter names): these stay
 # float32 when the model runs in half precision, and the model computes with them in float32.
@@ -24,8 +41,8 @@ TRANSFORMER_FP32_PARAMETERS = ("time_embedder", "scale_shift_table", "norm1", "n
 TEXT_ENCODER_FP16_KEEP_FP32 = ("wo",)
 
 
-def check_safetensors(path: Path) -> None:
-    """Fail with the file's name if a safetensors file is truncated or its header is not valid."""
+def check_safetensors(path: Path) -> dict:
+    """The header of a safetensors file; fails with the file's name if it is truncated or its header is invalid."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -40,10 +57,12 @@ def check_safetensors(path: Path) -> None:
         raise WanError(
             f"{path} is truncated ({size} bytes, its header needs {8 + header_len + end}): download it again"
         )
+    return header
 
 
 def safetensors_files(folder: Path) -> list[Path]:
-    """The shards of one component: those the index names, else every *.safetensors file in the folder."""
+    """The shards of one component: those the index names, else every *.safetensors file in the folder (but
+    macOS's `._*` AppleDouble files, as mlx-gen skips them)."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
@@ -52,32 +71,39 @@ def safetensors_files(folder: Path) -> list[Path]:
         if missing:
             raise WanError(f"{folder} is incomplete: {', '.join(missing)} listed in {indexes[0].name} is missing")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("._"))
     if not files:
         raise WanError(f"{folder} holds no .safetensors weights")
     return files
 
 
-def read_weights(folder: Path) -> dict:
-    """name -> lazily loaded mx.array, across every shard of a component."""
+def read_weights(folder: Path) -> tuple[dict, dict]:
+    """name -> lazily loaded mx.array across every shard of a component, and the first shard's header metadata."""
+    files = safetensors_files(folder)
+    headers = [check_safetensors(path) for path in files]
     weights = {}
-    for path in safetensors_files(folder):
-        check_safetensors(path)
+    for path in files:
         weights.update(mx.load(str(path)))
-    return weights
+    return weights, headers[0].get("__metadata__", {})
+
+
+def written_by_mlxgen(metadata: dict) -> bool:
+    """mlx-gen's own test (`WeightLoader._try_load_mflux_format`) on the first shard's header metadata."""
+    return "quantization_level" in metadata or "mflux_version" in metadata
 
 
 @dataclass
 class Snapshot:
-    """A Diffusers-layout model folder (`model_index.json` plus one folder per component)."""
+    """A model folder in any of the three formats (see the module docstring)."""
 
     root: Path
+    record: dict = None  # the package record of a Wan Studio package, None for the other formats
 
     @classmethod
     def open(cls, path) -> "Snapshot":
         root = Path(path)
         if not (root / "model_index.json").is_file():
-            raise WanError(f"{root} is not a Diffusers snapshot: it has no model_index.json")
+            raise WanError(f"{root} is not a model folder (Diffusers snapshot or package): it has no model_index.json")
         snapshot = cls(root)
         index = snapshot.model_index
         if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
@@ -85,6 +111,8 @@ class Snapshot:
         for component in COMPONENTS:
             if not (root / component).is_dir():
                 raise WanError(f"{root} is missing its {component}/ folder: the snapshot is incomplete")
+        if (root / PACKAGE_RECORD).is_file():
+            snapshot.record = read_record(root / PACKAGE_RECORD)
         return snapshot
 
     @property
@@ -93,9 +121,18 @@ class Snapshot:
 
     def config(self, component: str, name: str = "config.json") -> dict:
         path = self.root / component / name
-        if not path.is_file():
-            raise WanError(f"{path} is missing: the snapshot is incomplete")
-        return json.loads(path.read_text())
+        if path.is_file():
+            return json.loads(path.read_text())
+        if self.uses_shipped_config(component):
+            return json.loads((SHIPPED_CONFIGS / f"{component}.json").read_text())
+        raise WanError(f"{path} is missing: the snapshot is incomplete")
+
+    def uses_shipped_config(self, component: str) -> bool:
+        """mlx-gen writes no config.json for the transformer and the VAE: Wan2.2-TI2V-5B's then apply."""
+        if (self.root / component / "config.json").is_file() or component not in MLXGEN_SANITIZERS:
+            return False
+        first_shard = safetensors_files(self.root / component)[0]
+        return written_by_mlxgen(check_safetensors(first_shard).get("__metadata__", {}))
 
     @property
     def transformer_config(self) -> TransformerConfig:
@@ -117,6 +154,10 @@ class Snapshot:
     def expand_timesteps(self) -> bool:
         return bool(self.model_index.get("expand_timesteps", False))
 
+    def quantization(self, component: str) -> dict:
+        """The package record's quantization of `component` ({"bits", "group_size", "mode"}), or None."""
+        return ((self.record or {}).get("quantization") or {}).get(component)
+
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
@@ -125,20 +166,66 @@ class Snapshot:
         except (OSError, ValueError) as e:
             raise WanError(f"could not load the tokenizer from {self.root / 'tokenizer'}: {e}") from None
 
-    def load_transformer(self, dtype, progress=None):
+    def load_transformer(self, dtype, progress=None, quantize: dict = None):
+        """The transformer in `dtype`. Linears stored quantized stay quantized; `quantize` ({"bits", "group_size"})
+        also quantizes the policy's layers (quantize.TRANSFORMER_LAYERS) that are stored in full precision."""
         from .transformer import WanTransformer
 
         model = WanTransformer(self.transformer_config)
-        return load_into(model, read_weights(self.root / "transformer"), dtype, TRANSFORMER_FP32_PARAMETERS, progress)
+        return self._load("transformer", model, dtype, TRANSFORMER_FP32_PARAMETERS, progress, quantize)
 
     def load_vae(self, dtype, progress=None):
         from .vae import WanVAE
 
-        return load_into(WanVAE(self.vae_config), read_weights(self.root / "vae"), dtype, (), progress)
+        return self._load("vae", WanVAE(self.vae_config), dtype, (), progress)
 
-    def load_text_encoder(self, dtype, progress=None):
+    def load_text_encoder(self, dtype, progress=None, quantize: dict = None):
+        """The UMT5 encoder in `dtype`; `quantize` as for `load_transformer` (quantize.TEXT_ENCODER_LAYERS)."""
         from .text_encoder import UMT5Encoder
 
         keep = TEXT_ENCODER_FP16_KEEP_FP32 if dtype == mx.float16 else ()
         model = UMT5Encoder(self.text_encoder_config)
-        return load_into(model, read_weights(self.root / "text_encoder"), dtype, keep, progress)
+        return self._load("text_encoder", model, dtype, keep, progress, quantize)
+
+    def _load(self, component, model, dtype, keep_fp32, progress, quantize=None):
+        """Read `component`'s weights in whichever format they are, give `model` the quantized layers they hold
+        (and those of its policy that `quantize` asks for), then load them."""
+        folder = self.root / component
+        layers = POLICIES.get(component)
+        weights, metadata = read_weights(folder)
+        bits = (self.quantization(component) or {}).get("bits")
+        mlxgen = written_by_mlxgen(metadata) and component in MLXGEN_SANITIZERS
+        if mlxgen:
+            weights = MLXGEN_SANITIZERS[component](weights)
+            level = metadata.get("quantization_level", "None")
+            bits = int(level) if level.isdigit() else None
+        try:
+            stored = stored_quantization(weights, bits)
+            # Only the layers our policy may quantize: the model reads the dtype of the others' weights.
+            unsupported = sorted(path for path in stored if layers is None or not layers.fullmatch(path))
+            if unsupported:
+                raise WanError(f"{folder} holds {unsupported[0]} quantized; this engine keeps that layer in full "
+                               "precision: use a package of the published q8 policy")
+            quantize_as_stored(model, stored)
+            if quantize:
+                quantize_layers(model, layers, quantize["bits"], quantize.get("group_size", 64))
+            return load_into(model, weights, dtype, keep_fp32, progress, channels_last=mlxgen)
+        except ValueError as e:
+            hint = ""
+            if self.uses_shipped_config(component):
+                hint = (f" ({folder} has no config.json, so Wan2.2-TI2V-5B's was used: add the config.json of the "
+                        "model this package was made from)")
+            raise WanError(f"{folder} does not fit its model: {e}{hint}") from None
+
+
+def read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        raise WanError(f"{path} is not valid JSON: the package is damaged") from None
+    if record.get("format") != PACKAGE_FORMAT or record.get("version") != PACKAGE_VERSION:
+        raise WanError(
+            f"{path} describes a {record.get('format')} version {record.get('version')} package; this engine reads "
+            f"{PACKAGE_FORMAT} version {PACKAGE_VERSION}: convert the model again"
+        )
+    return record

@@ -153,8 +153,9 @@ class UMT5DenseGatedActDense(nn.Module):
 
     def __call__(self, hidden_states: mx.array) -> mx.array:
         hidden_states = gelu_new(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
-        # transformers may keep `wo` in float32 (`_keep_in_fp32_modules`); its input follows the weight's dtype.
-        return self.wo(hidden_states.astype(self.wo.weight.dtype))
+        # transformers may keep `wo` in float32 (`_keep_in_fp32_modules`); its input follows the weight's dtype
+        # (a quantized `wo` packs its weight as uint32: its scales carry the dtype).
+        return self.wo(hidden_states.astype(getattr(self.wo, "scales", self.wo.weight).dtype))
 
 
 class UMT5LayerFF(nn.Module):

@@ -24,9 +24,19 @@ class FeatureCache:
     def __init__(self):
         self.slots = []
         self.cursor = 0
+        self.settled = 0  # slots before this index are evaluated in the current chunk
 
     def next_chunk(self):
-        self.cursor = 0
+        self.cursor = self.settled = 0
+
+    def settle(self, x: mx.array) -> mx.array:
+        """Evaluate `x` and the history written since the last call. Each cached history is a copy of a layer's
+        input; until it is evaluated that whole input stays alive, so without this a chunk would hold every
+        layer's input at once (and GPU backends keep a graph's buffers until the graph completes). Settling after
+        each residual block bounds the decoder's memory to about one block's activations."""
+        mx.eval(x, *[slot for slot in self.slots[self.settled:self.cursor] if slot is not None])
+        self.settled = self.cursor
+        return x
 
     def read(self):
         """The current layer's slot; `write` must follow."""
@@ -224,7 +234,7 @@ class WanResidualBlock(nn.Module):
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
         x = self.conv1.cached(nn.silu(self.norm1(x)), cache)
         x = self.conv2.cached(nn.silu(self.norm2(x)), cache)  # dropout: 0 at inference
-        return x + h
+        return cache.settle(x + h)
 
 
 class WanAttentionBlock(nn.Module):

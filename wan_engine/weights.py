@@ -2,12 +2,17 @@
 
 Our MLX modules use the Diffusers / transformers parameter names, so a Diffusers checkpoint needs only layout
 changes: convolution weights go from PyTorch's channels-first (O, I, kT, kH, kW) to MLX's channels-last
-(O, kT, kH, kW, I).
+(O, kT, kH, kW, I). mlx-gen packages use their own module names and are channels-last already
+(`sanitize_mlxgen_transformer`, `sanitize_mlxgen_vae`).
 """
+
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+
+from .quantize import full_precision_shape, is_quantized, quantize_weight
 
 
 def to_mlx_layout(key: str, value: mx.array) -> mx.array:
@@ -19,29 +24,96 @@ def to_mlx_layout(key: str, value: mx.array) -> mx.array:
     return value
 
 
-def load_into(module: nn.Module, weights: dict, dtype=mx.float32, keep_fp32: tuple = (), progress=None):
+def to_diffusers_layout(key: str, value):
+    """Inverse of `to_mlx_layout`: MLX channels-last conv kernels -> PyTorch (O, I, k...); numpy or MLX arrays."""
+    if key.endswith(".weight") and value.ndim == 5:
+        return value.transpose(0, 4, 1, 2, 3)
+    if key.endswith(".weight") and value.ndim == 4:
+        return value.transpose(0, 3, 1, 2)
+    return value
+
+
+# mlx-gen name -> Diffusers name, applied in order (see ../shared/mlxgen-package-layout.md, section 4).
+MLXGEN_TRANSFORMER_NAMES = [
+    (re.compile(r"\.ffn\.net\.0\."), ".ffn.net.0.proj."),  # diffusers' GELU module holds the input projection
+    (re.compile(r"\.ffn\.net\.1\."), ".ffn.net.2."),  # diffusers' net.1 is a parameterless Dropout
+]
+MLXGEN_VAE_NAMES = [
+    (re.compile(r"\.conv3d\.(weight|bias)$"), r".\1"),  # mlx-gen wraps each causal conv's nn.Conv3d
+    (re.compile(r"\.resample_conv\."), ".resample.1."),  # diffusers' nn.Sequential(upsample or pad, conv)
+    (re.compile(r"(\.norm\d?|\.norm_out)\.weight$"), r"\1.gamma"),  # Wan's RMS norms call their scale gamma
+]
+
+
+def rename(weights: dict, rules: list) -> dict:
+    renamed = {}
+    for key, value in weights.items():
+        for pattern, replacement in rules:
+            key = pattern.sub(replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def sanitize_mlxgen_transformer(weights: dict) -> dict:
+    """mlx-gen transformer package keys -> ours. `rope.freqs_cos/sin` are tables mlx-gen saves because they are
+    module attributes; we compute them for each video (`WanTransformer.rope`)."""
+    return rename({k: v for k, v in weights.items() if not k.startswith("rope.")}, MLXGEN_TRANSFORMER_NAMES)
+
+
+def sanitize_mlxgen_vae(weights: dict) -> dict:
+    """mlx-gen VAE package keys -> ours (shapes are already ours: channels-last convs, gamma kept (C, 1, 1[, 1]))."""
+    return rename(weights, MLXGEN_VAE_NAMES)
+
+
+def check_shape(key: str, value: mx.array, shape: tuple) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"weight {key} has shape {tuple(value.shape)}, the model expects {tuple(shape)}")
+
+
+def load_into(module: nn.Module, weights: dict, dtype=mx.float32, keep_fp32: tuple = (), progress=None,
+              channels_last: bool = False):
     """Load `weights` (Diffusers names -> mx or numpy arrays) into `module`, cast to `dtype`; parameters whose
     names contain one of `keep_fp32` stay float32. The dict is consumed tensor by tensor, so each source tensor
     is freed as soon as its cast copy exists. `progress(done, total)` is called after each tensor.
+    `channels_last`: the conv kernels are MLX's layout already (MLX-written checkpoints), not PyTorch's.
+
+    Quantized layers of `module` (see quantize.py) take either their stored `weight` (uint32, kept as it is),
+    `scales` and `biases`, or a full-precision `weight` that is quantized here as it loads.
 
     Strict: a missing or unexpected key, or a shape mismatch, is an error naming the key.
     """
     expected = dict(tree_flatten(module.parameters()))
+    # Quantized layers that get a full-precision weight: their scales and biases are made here, not read.
+    quantize_now = {
+        path: layer for path, layer in module.named_modules()
+        if is_quantized(layer) and f"{path}.weight" in weights and f"{path}.scales" not in weights
+    }
+    made = {f"{path}.{part}" for path in quantize_now for part in ("scales", "biases")}
     # transformers ties `encoder.embed_tokens` to `shared` (checkpoints may hold both); our encoder reads `shared`.
-    names = {k: k for k in weights if k != "encoder.embed_tokens.weight"}
-    missing = sorted(set(expected) - set(names))
+    names = [k for k in weights if k != "encoder.embed_tokens.weight"]
+    missing = sorted(set(expected) - set(names) - made)
     unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
         raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     loaded = []
     for i, key in enumerate(names):
         value = weights.pop(key)
-        value = to_mlx_layout(key, value if isinstance(value, mx.array) else mx.array(value))
-        if value.shape != expected[key].shape:
-            raise ValueError(f"weight {key} has shape {value.shape}, the model expects {expected[key].shape}")
-        value = value.astype(mx.float32 if any(p in key for p in keep_fp32) else dtype)
-        mx.eval(value)
-        loaded.append((key, value))
+        value = value if isinstance(value, mx.array) else mx.array(value)
+        if not channels_last:
+            value = to_mlx_layout(key, value)
+        path = key.removesuffix(".weight")
+        if path in quantize_now:
+            layer = quantize_now[path]
+            check_shape(key, value, full_precision_shape(layer))
+            parts = list(zip((key, f"{path}.scales", f"{path}.biases"), quantize_weight(value.astype(dtype), layer)))
+        elif value.dtype == mx.uint32:  # packed quantized codes: no cast
+            parts = [(key, value)]
+        else:
+            parts = [(key, value.astype(mx.float32 if any(p in key for p in keep_fp32) else dtype))]
+        for name, value in parts:
+            check_shape(name, value, expected[name].shape)
+        mx.eval([value for _, value in parts])
+        loaded.extend(parts)
         if progress:
             progress(i + 1, len(names))
     weights.clear()
