@@ -202,6 +202,8 @@ def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path) -
         "peak_gib": max(new_prompt.peak_memory_gib, warm.peak_memory_gib),
         "cold_total_s": round(cold_total, 3),
         "stage_peak_gib": json.loads(warm.sidecar_path.read_text())["stage_peak_memory_gib"],
+        "timings_warm": t_warm,
+        "timings_new_prompt": t_new,
     }
     engine.release()
     del engine
@@ -231,6 +233,19 @@ def bench_our_decode(root: Path, case: dict, dtype: str, tile) -> dict:
     return result
 
 
+def guarded(measure) -> dict:
+    """Run one measurement; a failure is recorded in the report instead of losing the whole run."""
+    try:
+        return measure()
+    except Exception as e:  # noqa: BLE001 - any failure of one variant must not stop the others
+        import traceback
+
+        traceback.print_exc()
+        gc.collect()
+        mx.clear_cache()
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on this machine (a test of the script)")
@@ -238,6 +253,7 @@ def main():
     parser.add_argument("--snapshot", default="/tmp/wan-bench-snapshot", help="where to build the random snapshot")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--cases", default="seed-17f,121f")
+    parser.add_argument("--skip", default="", help="variants to leave out, e.g. 121f:ours_low_ram")
     args = parser.parse_args()
 
     sizes = TINY if args.tiny else FULL
@@ -257,17 +273,23 @@ def main():
             continue
         entry = {k: case[k] for k in ("name", "width", "height", "frames", "steps")}
         for preset, key in (("normal", "ours"), ("low-ram", "ours_low_ram")):
+            if f"{case['name']}:{key}" in args.skip.split(","):
+                entry[key] = {"skipped": "left out of this run (--skip)"}
+                continue
             log(f"{case['name']}: ours ({preset})")
-            entry[key] = bench_ours(root, case, preset, dtype, out_dir)
             tile = load_preset(preset).vae_tile
             tile = tile if tile and case["width"] * case["height"] >= tile.get("min_pixels", 0) else None
-            entry[key].update({f"vae_only_{k}": v for k, v in bench_our_decode(root, case, dtype, tile).items()})
+            entry[key] = guarded(lambda: {
+                **bench_ours(root, case, preset, dtype, out_dir),
+                **{f"vae_only_{k}": v for k, v in bench_our_decode(root, case, dtype, tile).items()},
+            })
             log(json.dumps(entry[key]))
         if not args.skip_diffusers:
             log(f"{case['name']}: diffusers")
-            entry["diffusers"] = bench_diffusers(root, case, device, out_dir)
+            entry["diffusers"] = guarded(lambda: bench_diffusers(root, case, device, out_dir))
             log(json.dumps(entry["diffusers"]))
-            d, o = entry["diffusers"], entry["ours"]
+        d, o = entry.get("diffusers", {}), entry["ours"]
+        if "denoise_s_per_step" in d and "denoise_s_per_step" in o:
             entry["ratios"] = {
                 "denoise_speedup": round(d["denoise_s_per_step"] / o["denoise_s_per_step"], 3),
                 "decode_speedup": round(d["decode_s"] / o["vae_only_decode_s"], 3),

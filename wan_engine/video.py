@@ -36,7 +36,8 @@ def write_video(path, frames: np.ndarray, fps: int, metadata: dict | None = None
     height, width = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(
         str(partial), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=8,
-        macro_block_size=1, ffmpeg_log_level="error", output_params=["-movflags", "+faststart", *tags],
+        macro_block_size=1, ffmpeg_log_level="error",
+        output_params=["-preset", "veryfast", "-movflags", "+faststart", *tags],
     )
     try:
         writer.send(None)
