@@ -110,14 +110,15 @@ def test_presets_are_different_data_and_bad_ones_are_refused(tmp_path):
 
 
 def test_a_preset_releasing_parts_gives_the_same_video(snapshots, tmp_path):
-    """Releasing and reloading parts between stages (as the low-memory preset does) changes nothing."""
+    """Releasing and reloading parts between stages and running the guidance pair as two passes (as the
+    low-memory preset does) changes nothing but round-off."""
     preset = tmp_path / "lean.json"
     preset.write_text(json.dumps({"release_text_encoder": True, "release_transformer_before_decode": True,
-                                  "vae_tile": None, "cache_limit_gib": 0}))
+                                  "vae_tile": None, "cache_limit_gib": 0, "cfg_batch": False}))
     _, reference = generate(Engine(snapshots["small"], dtype="float32", output_dir=tmp_path), prompt="a kite", **SMALL)
     lean = Engine(snapshots["small"], dtype="float32", preset=str(preset), output_dir=tmp_path)
     events, result = generate(lean, prompt="a kite", image=None, **SMALL)
-    assert np.array_equal(result.frames, reference.frames)
+    assert np.abs(result.frames - reference.frames).max() < 1e-5
     assert "transformer" not in lean.parts and "text_encoder" not in lean.parts
     assert result.settings["preset"] == "lean"
 

@@ -290,7 +290,8 @@ class Engine:
 
         yield from self._load("transformer", timings)
         scheduler = make_scheduler(request.sampler, request.steps, self.shift(request), self.scheduler_config)
-        steps = generate_latents(self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel)
+        steps = generate_latents(self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel,
+                                 preset.cfg_batch)
         start = time.perf_counter()
         for i, latents in enumerate(steps, start=1):
             elapsed = time.perf_counter() - start

@@ -97,13 +97,15 @@ def encode_image(vae, normalizer: LatentNormalizer, image: mx.array) -> mx.array
     return normalizer.normalize(vae.encode(image.astype(vae.dtype)))
 
 
-def generate_latents(transformer, scheduler, noise, context, guidance: float, condition=None, cancel=None):
+def generate_latents(transformer, scheduler, noise, context, guidance: float, condition=None, cancel=None,
+                     cfg_batch: bool = True):
     """Denoise `noise` (1, F, H, W, C). Yields the video latents after each step (float32); the last one is
     the result to decode.
 
-    context: (2, L, D) text-encoder states [prompt, negative prompt] when `guidance > 1` (both run as one batch
-    of two), else (1, L, D). condition: the normalized first-frame latent for image-to-video, kept fixed as
-    frame 0 with timestep 0 (TI2V's `expand_timesteps` conditioning).
+    context: (2, L, D) text-encoder states [prompt, negative prompt] when `guidance > 1`, else (1, L, D). The
+    guidance pair runs as one batch of two (`cfg_batch`, faster) or as two passes of one (half the activations).
+    condition: the normalized first-frame latent for image-to-video, kept fixed as frame 0 with timestep 0 (TI2V's
+    `expand_timesteps` conditioning).
     """
     _, num_frames, height, width, _ = noise.shape
     dtype = transformer.dtype
@@ -121,9 +123,14 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
         if cancel is not None and cancel.cancelled:
             raise Cancelled()
         x = latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
-        x = mx.broadcast_to(x.astype(dtype), (batch, *x.shape[1:]))
-        timestep = mx.broadcast_to(frame_mask * float(t), (batch, num_frames))
-        prediction = transformer(x, timestep, kv, rope)
+        timestep = (frame_mask * float(t))[None]
+        if cfg_batch:
+            x = mx.broadcast_to(x.astype(dtype), (batch, *x.shape[1:]))
+            prediction = transformer(x, mx.broadcast_to(timestep, (batch, num_frames)), kv, rope)
+        else:
+            passes = [transformer(x.astype(dtype), timestep, [(k[i:i + 1], v[i:i + 1]) for k, v in kv], rope)
+                      for i in range(batch)]
+            prediction = mx.concatenate(passes)
         if batch == 2:
             cond, uncond = prediction[:1], prediction[1:]
             prediction = uncond + guidance * (cond - uncond)

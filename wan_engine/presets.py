@@ -25,6 +25,7 @@ class Preset:
     memory_limit_gib: float | None = None  # mx.set_memory_limit
     cache_limit_gib: float | None = None  # mx.set_cache_limit: how much freed memory MLX may keep for reuse
     clear_cache_between_stages: bool = True
+    cfg_batch: bool = True  # the guidance pair as one batch of two (faster) or two passes (half the activations)
     compile: bool = True  # run the transformer's blocks as compiled graphs (same numbers, fewer kernels)
 
 
