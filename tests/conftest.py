@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random snapshots built once per test session, and a way to run the CLI with torch
-unimportable (as users run it)."""
+"""Shared fixtures: tiny random snapshots built once per test session, a way to run the CLI with torch
+unimportable (as users run it), and the web app running on the demo model."""
 
 import os
 import subprocess
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from app_server import running_app
 from tiny_snapshots import TinySpec, build_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +52,10 @@ def run_cli(args, env, cwd=None) -> subprocess.CompletedProcess:
 def isolated_cache(tmp_path_factory):
     """The demo model and the prompt-embedding cache go to a fresh folder, for this process and subprocesses."""
     os.environ["WAN_STUDIO_CACHE"] = str(tmp_path_factory.mktemp("wan-studio-cache"))
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory, isolated_cache):
+    """A real `python app.py --demo` on a free port, shared by the app's API and browser tests."""
+    with running_app(tmp_path_factory.mktemp("app")) as server:
+        yield server
