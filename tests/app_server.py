@@ -1,0 +1,59 @@
+"""A real `python app.py --demo` for the app's tests: on a free port, offline, everything it writes under one
+temporary folder, its output kept in a log that failures quote."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 120
+
+
+@dataclass
+class AppServer:
+    url: str
+    output_dir: Path
+    process: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_app(root: Path):
+    """Start the app (the demo model is built on first use, in WAN_STUDIO_CACHE) and stop it afterwards."""
+    output_dir, log = root / "outputs", root / "server.log"
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-files")}
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--demo", "--port", str(port), "--output-dir", str(output_dir)],
+            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    server = AppServer(f"http://127.0.0.1:{port}/", output_dir, process, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "is running at" not in server.log_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the app did not start:\n{server.log_text()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

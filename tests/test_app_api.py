@@ -1,0 +1,196 @@
+"""The web app's API against a real server on the demo model, through gradio_client: both endpoints stream
+progress and end with the video, the seed and the settings; bad input is refused with what is allowed; Stop ends
+a run and the next one works; two clients wait in the queue and are both served; only the output folder's files
+are served. And the command line's login and sharing flags."""
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
+from PIL import Image
+
+import app
+from app_server import ROOT
+from wan_engine.video import read_video
+
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    return Client(app_server.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    """A 120x80 PNG: red left half, blue right half."""
+    path = tmp_path_factory.mktemp("pictures") / "red-blue.png"
+    image = Image.new("RGB", (120, 80), (220, 30, 30))
+    image.paste((30, 30, 220), (60, 0, 120, 80))
+    image.save(path)
+    return path
+
+
+def run(client, api_name, **arguments):
+    """Submit, wait, and return every streamed update (video, seed, settings, progress, preview); the last is the
+    result."""
+    job = client.submit(api_name=api_name, **arguments)
+    job.result(timeout=TIMEOUT_S)
+    return job.outputs()
+
+
+def wait_until(condition, timeout_s=TIMEOUT_S):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_text_to_video_streams_progress_and_ends_with_video_seed_and_settings(client, app_server):
+    updates = run(client, "/text_to_video", prompt="a paper boat on a pond", width=96, height=64, frames=9, steps=2,
+                  seed=7)
+    assert len(updates) >= 2
+    progress = [update[3] for update in updates]
+    assert any("Denoising" in line and "step 1/2" in line and "s/step" in line for line in progress)
+    assert any("ETA" in line and "GiB in use" in line for line in progress)
+    previews = [update[4] for update in updates if update[4]]
+    assert previews and Image.open(previews[0]).mode == "RGB"
+    assert all(update[0] is None for update in updates[:-1])  # no video until the end
+
+    video, seed, settings, done, _ = updates[-1]
+    frames, fps = read_video(video)
+    assert frames.shape == (9, 64, 96, 3) and fps == 24
+    assert seed == 7
+    assert {key: settings[key] for key in ("prompt", "width", "height", "frames", "steps", "seed")} == {
+        "prompt": "a paper boat on a pond", "width": 96, "height": 64, "frames": 9, "steps": 2, "seed": 7}
+    assert "Done" in done
+    # the history is the output folder: the video and its sidecar
+    sidecar = json.loads(next(app_server.output_dir.glob("wan-*-7.json")).read_text())
+    assert sidecar["settings"]["prompt"] == "a paper boat on a pond"
+    assert (app_server.output_dir / sidecar["video"]).is_file()
+
+
+def test_image_to_video_takes_its_size_from_the_picture(client, app_server, picture):
+    updates = run(client, "/image_to_video", image=handle_file(picture), prompt="the colours swirl", frames=5,
+                  steps=2, seed=11)
+    assert len(updates) >= 2
+    video, seed, settings, _, _ = updates[-1]
+    assert read_video(video)[0].shape == (5, 64, 96, 3)  # 120x80 is 3:2; at the demo's 96x64 area: 96x64
+    assert seed == 11
+    assert (settings["width"], settings["height"], settings["frames"]) == (96, 64, 5)
+    first_frame = Path(settings["image"])  # kept beside the videos, for the history
+    assert first_frame.parent == app_server.output_dir / "inputs"
+    assert Image.open(first_frame).size == (120, 80)  # the same aspect: nothing cropped
+
+
+def test_image_to_video_honours_an_explicit_size_by_cropping_the_centre(client, picture):
+    video, seed, settings, _, _ = run(client, "/image_to_video", image=handle_file(picture), prompt="a square",
+                                      width=64, height=64, frames=5, steps=2, seed=12)[-1]
+    assert read_video(video)[0].shape == (5, 64, 64, 3)
+    assert (settings["width"], settings["height"], seed) == (64, 64, 12)
+    first_frame = Image.open(settings["image"])
+    assert first_frame.size == (80, 80)  # the centre of 120x80: half red, half blue
+    assert first_frame.getpixel((10, 40))[0] > 150 and first_frame.getpixel((70, 40))[2] > 150
+
+
+REFUSED = [
+    ("/text_to_video", dict(width=100, frames=8), "width 100 is not allowed: it must be a positive multiple of 32"),
+    ("/text_to_video", dict(frames=8), "frames 8 is not allowed: it must be 4n+1"),
+    ("/text_to_video", dict(prompt="   "), "the prompt is empty"),
+    ("/text_to_video", dict(steps=0), "steps 0 is not allowed: it must be between 1 and 100"),
+    ("/text_to_video", dict(guidance=25), "guidance 25 is not allowed: it must be between 0 and 20"),
+    ("/text_to_video", dict(seed=-5), "seed -5 is not allowed: use -1 for a random seed"),
+    ("/image_to_video", dict(image="unreadable"), "the image cannot be read"),
+    ("/image_to_video", dict(width=64, height=0), "give both width and height"),
+]
+
+
+@pytest.mark.parametrize("api_name, change, message", REFUSED, ids=[message for _, _, message in REFUSED])
+def test_bad_input_is_refused_with_what_is_allowed(client, app_server, picture, tmp_path, api_name, change, message):
+    arguments = dict(prompt="a lighthouse", width=96, height=64, frames=5, steps=2, seed=1)
+    if api_name == "/image_to_video":
+        arguments["image"] = handle_file(picture)
+        if change.pop("image", None):
+            not_a_picture = tmp_path / "notes.png"
+            not_a_picture.write_text("this is text, not a picture")
+            arguments["image"] = handle_file(not_a_picture)
+    arguments.update(change)
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict(api_name=api_name, **arguments)
+    assert app_server.process.poll() is None  # the app keeps running
+
+
+def test_stop_ends_the_run_within_a_step_and_the_next_run_works(client, app_server):
+    job = client.submit(api_name="/text_to_video", prompt="a very long walk", width=256, height=256, frames=33,
+                        steps=100, seed=3)
+    wait_until(lambda: any("Denoising" in update[3] for update in job.outputs()))
+    asked = time.monotonic()
+    stopped = client.predict(api_name="/stop")
+    assert time.monotonic() - asked < 10
+    match = re.search(r"Stopped\*\* at step (\d+)/100", stopped)
+    assert match and int(match.group(1)) < 100, stopped
+    video, seed, settings, progress, _ = job.result(timeout=TIMEOUT_S)
+    assert (video, seed, settings) == (None, None, None) and progress == stopped
+    assert not list(app_server.output_dir.glob("wan-*-3.*"))  # a stopped run writes nothing
+
+    video, seed, *_ = run(client, "/text_to_video", prompt="after the stop", width=96, height=64, frames=5, steps=2,
+                          seed=4)[-1]
+    assert read_video(video)[0].shape[0] == 5 and seed == 4
+
+
+def test_two_clients_wait_in_the_queue_and_both_are_served(app_server):
+    first, second = Client(app_server.url, verbose=False), Client(app_server.url, verbose=False)
+    long_run = first.submit(api_name="/text_to_video", prompt="first in line", width=160, height=96, frames=33,
+                            steps=30, seed=21)
+    wait_until(lambda: any("Denoising" in update[3] for update in long_run.outputs()))
+    short_run = second.submit(api_name="/text_to_video", prompt="second in line", width=96, height=64, frames=5,
+                              steps=2, seed=22)
+    seen = []
+    while not short_run.done():
+        seen.append(short_run.status())
+        time.sleep(0.02)
+    queued = [status for status in seen if status.code == Status.IN_QUEUE]
+    assert queued and queued[0].rank is not None, [status.code for status in seen]  # it saw its place in line
+    assert long_run.result(timeout=TIMEOUT_S)[1] == 21
+    assert short_run.result(timeout=TIMEOUT_S)[1] == 22
+
+
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_only_the_output_folders_files_are_served(client, app_server):
+    run(client, "/text_to_video", prompt="a served video", width=96, height=64, frames=5, steps=2, seed=41)
+    video = next(app_server.output_dir.glob("wan-*-41.mp4"))
+    assert status_of(f"{app_server.url}gradio_api/file={video}") == 200
+    assert status_of(f"{app_server.url}gradio_api/file={ROOT / 'app.py'}") == 403
+    assert status_of(f"{app_server.url}gradio_api/file=/etc/passwd") == 403
+
+
+def test_sharing_without_a_login_is_warned_about(monkeypatch):
+    monkeypatch.delenv(app.AUTH_VARIABLE, raising=False)
+    assert "anyone with the link" in app.exposure_warning(app.parse_args(["--share"]))
+    assert app.exposure_warning(app.parse_args(["--share", "--auth", "ada:secret"])) is None
+    assert app.exposure_warning(app.parse_args([])) is None
+
+
+def test_the_login_comes_from_the_flag_or_the_environment(monkeypatch, capsys):
+    monkeypatch.delenv(app.AUTH_VARIABLE, raising=False)
+    assert app.parse_args(["--auth", "ada:pass:word"]).auth == ("ada", "pass:word")
+    assert app.parse_args([]).auth is None
+    monkeypatch.setenv(app.AUTH_VARIABLE, "grace:secret")
+    assert app.parse_args([]).auth == ("grace", "secret")
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth", "no-password"])
+    assert "must look like user:password" in capsys.readouterr().err

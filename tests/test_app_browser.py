@@ -1,0 +1,144 @@
+"""The page in a real browser (Debian's chromium, driven by Playwright) against the demo-model server: both tabs,
+a prompt and Generate make a video, the layout fits a phone, image to video shows its size before generating,
+Stop ends a run, the history puts a past run's settings back into the form, and the sampler, memory preset and
+live-preview switch reach the run. Screenshots are saved under the
+test session's temporary folder (printed with -s)."""
+
+import os
+import re
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+RUN_TIMEOUT_MS = 90_000
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium package is not installed")
+
+
+@pytest.fixture(scope="module")
+def browser(app_server):
+    # scripts/fast_blas.sh preloads OpenBLAS for MLX; Playwright's node driver cannot start threads with it loaded.
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        playwright = sync_playwright().start()
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield browser
+    browser.close()
+    playwright.stop()
+
+
+@pytest.fixture
+def page(browser, app_server):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app_server.url)
+    expect(page.get_by_role("tab", name="Text to video")).to_be_visible(timeout=30_000)
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def visible(locator):
+    return locator.filter(visible=True)
+
+
+def set_slider(page, label: str, value: int) -> None:
+    field = visible(page.get_by_label(f"number input for {label}", exact=True))
+    field.fill(str(value))
+    field.press("Tab")
+    expect(visible(page.get_by_label(f"range slider for {label}", exact=True))).to_have_value(str(value))
+
+
+def generate_and_wait(page):
+    visible(page.get_by_role("button", name="Generate", exact=True)).click()
+    expect(page.locator("#result-video video")).to_have_attribute("src", re.compile(r"\.mp4$"), timeout=RUN_TIMEOUT_MS)
+    expect(page.locator("#progress")).to_contain_text("Done", timeout=RUN_TIMEOUT_MS)
+
+
+def test_a_prompt_and_generate_make_a_video_on_a_desktop_and_a_phone(page, screenshots):
+    expect(page.get_by_role("tab", name="Image to video")).to_be_visible()
+    visible(page.get_by_label("Prompt", exact=True)).fill("a red kite over green hills")
+    generate_and_wait(page)
+    expect(page.locator("#progress")).to_contain_text("seed")
+    expect(page.get_by_role("button", name="Download MP4")).to_be_visible()  # shown once the video is saved
+    expect(page.get_by_role("button", name=re.compile(r"^Thumbnail 1 of"))).to_be_visible()  # and in the history
+    page.screenshot(path=screenshots / "desktop.png", full_page=True)
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    expect(page.get_by_role("button", name="Generate", exact=True)).to_be_in_viewport()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
+    page.screenshot(path=screenshots / "phone.png", full_page=True)
+    print(f"\nscreenshots: {screenshots / 'desktop.png'} and {screenshots / 'phone.png'}")
+
+
+def test_image_to_video_shows_its_size_before_generating(page, tmp_path, screenshots):
+    picture = tmp_path / "wide.png"
+    Image.new("RGB", (120, 80), (40, 160, 90)).save(picture)
+    page.get_by_role("tab", name="Image to video").click()
+    page.locator("input[type=file]").set_input_files(picture)  # the upload field's hidden input
+    expect(page.get_by_text("Video size 96x64")).to_be_visible(timeout=15_000)
+    visible(page.get_by_label("Resolution")).click()
+    page.get_by_role("option", name="128x128").click()
+    expect(page.get_by_text("Video size 160x96")).to_be_visible(timeout=15_000)  # the picture's 3:2 at 128x128's area
+    visible(page.get_by_label("Prompt", exact=True)).fill("the meadow sways")
+    generate_and_wait(page)
+    page.screenshot(path=screenshots / "image-to-video.png", full_page=True)
+
+
+def test_stop_ends_a_run_on_the_page(page, app_server):
+    videos_before = set(app_server.output_dir.glob("wan-*.mp4"))
+    visible(page.get_by_label("Prompt", exact=True)).fill("a slow sunrise")
+    page.get_by_text("Advanced: steps").click()
+    set_slider(page, "Steps", 100)
+    set_slider(page, "Frames", 241)
+    visible(page.get_by_role("button", name="Generate", exact=True)).click()
+    expect(page.locator("#progress")).to_contain_text("Denoising", timeout=RUN_TIMEOUT_MS)
+    visible(page.get_by_role("button", name="Stop", exact=True)).click()
+    expect(page.locator("#progress")).to_contain_text("Stopped at step", timeout=30_000)
+    assert set(app_server.output_dir.glob("wan-*.mp4")) == videos_before
+
+
+def test_history_puts_a_past_runs_settings_back(page, app_server, tmp_path, screenshots):
+    picture = tmp_path / "tall.png"
+    Image.new("RGB", (80, 120), (200, 120, 40)).save(picture)
+    Client(app_server.url, verbose=False).predict(
+        api_name="/image_to_video", image=handle_file(picture), prompt="an orange tower", width=64, height=96,
+        frames=5, steps=2, seed=33)
+    page.reload()
+    newest = page.get_by_role("button", name=re.compile(r"^Thumbnail 1 of"))
+    expect(newest).to_be_visible(timeout=15_000)
+    newest.click()
+    expect(page.get_by_text("an orange tower").first).to_be_visible()  # its settings
+    restore = page.get_by_role("button", name="Use these settings")
+    expect(restore).to_be_enabled()
+    page.screenshot(path=screenshots / "history.png", full_page=True)
+    restore.click()
+    # an image-to-video run: its tab opens with its prompt, seed, first frame and exact size
+    expect(page.get_by_role("tab", name="Image to video", selected=True)).to_be_visible()
+    expect(visible(page.get_by_label("Prompt", exact=True))).to_have_value("an orange tower")
+    expect(page.get_by_text("Video size 64x96")).to_be_visible(timeout=15_000)
+
+
+def test_sampler_memory_preset_and_preview_switch_reach_the_run(page):
+    page.get_by_text("Sampler, memory and live preview").click()
+    page.get_by_label("euler").check()
+    page.get_by_label("low-ram").check()
+    page.get_by_label("Live preview").uncheck()
+    expect(page.locator("#live-preview")).to_be_hidden()
+    visible(page.get_by_label("Prompt", exact=True)).fill("a windmill at dusk")
+    generate_and_wait(page)
+    page.get_by_text("Settings of this video (JSON)").click()
+    settings = page.locator("#result-settings")
+    expect(settings).to_contain_text('"euler"')
+    expect(settings).to_contain_text('"low-ram"')

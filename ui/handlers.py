@@ -1,0 +1,177 @@
+"""The functions behind the buttons, which are also the API: /text_to_video, /image_to_video and /stop.
+
+The two generation handlers are generators. Each yields (video, seed, settings, progress, preview) over and over:
+first with the previous result cleared, then a progress line (and a latent preview) per engine event, and
+finally the video, the seed used and the settings. Their parameter names are the API's parameter names.
+"""
+
+import hashlib
+import io
+import secrets
+
+import gradio as gr
+from PIL import Image
+
+from wan_engine.engine import GenerationRequest, Result, validate
+from wan_engine.errors import Cancelled, WanError
+
+from . import history
+from .config import MAX_SEED, StudioConfig
+from .engine_cache import EngineCache
+from .pictures import open_picture
+from .progress import event_text, failed_text, finished_text, stopped_text, waiting_text
+from .runs import EngineThread, Run
+from .sizes import FRAME_STEP, SIZE_MULTIPLE, crop_to_aspect, size_for_aspect
+
+STOP_WAIT_S = 30  # Stop reports once the run has ended (within a step), or that it is ending after this long
+
+
+class Studio:
+    def __init__(self, config: StudioConfig):
+        self.config = config
+        self.engines = EngineCache(config.output_dir)
+        self.engine_thread = EngineThread()
+        self.first_frames_dir = config.output_dir / "inputs"
+        history.make_missing_stills(config.output_dir)  # now, before any engine work (see history.py)
+
+    # -- the API ---------------------------------------------------------------------------------------------------
+    def text_to_video(
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options,
+        request: gr.Request,
+    ):
+        """Text to video. Streams progress updates; ends with the video, the seed used and the settings."""
+        generation = self.generation_request(
+            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+        )
+        yield from self.run(generation, options, request.session_hash or "")
+
+    def image_to_video(
+        self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options,
+        request: gr.Request,
+    ):
+        """Image to video: the video starts from `image`. Width and height 0 take the size from the image's aspect
+        at the model's default area; explicit ones are honoured and the image is centre-cropped to their aspect.
+        Streams progress updates; ends with the video, the seed used and the settings (with the size used)."""
+        picture = open_picture(image)
+        width, height = self.image_size(picture, width, height)
+        generation = self.generation_request(
+            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+        )
+        generation.image = str(self.save_first_frame(crop_to_aspect(picture, width, height)))
+        yield from self.run(generation, options, request.session_hash or "")
+
+    def stop(self, request: gr.Request):
+        """Stop this session's generation within one step; nothing of it is written. Streams "Stopping", then
+        what was stopped."""
+        runs = self.engine_thread.stop(request.session_hash or "")
+        if not runs:
+            gr.Info("Nothing of yours is generating right now.")
+            yield gr.skip()
+            return
+        yield waiting_text("Stopping")
+        for run in runs:
+            run.finished.wait(STOP_WAIT_S)
+        if all(run.finished.is_set() for run in runs):
+            yield runs[-1].outcome or stopped_text(runs[-1].last_event)
+        else:
+            yield waiting_text("Stopping: the current stage is finishing")
+
+    # -- checking and preparing a request ---------------------------------------------------------------------------
+    def generation_request(
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+    ) -> GenerationRequest:
+        """The engine request for these form values; gr.Error (saying what is allowed) when one is wrong."""
+        if seed is None or seed == -1:
+            seed = None  # the engine picks one and reports it
+        elif not 0 <= seed <= MAX_SEED:
+            raise gr.Error(f"seed {seed} is not allowed: use -1 for a random seed, or 0 to {MAX_SEED}")
+        generation = GenerationRequest(
+            prompt=prompt or "", negative_prompt=negative_prompt, width=whole("width", width),
+            height=whole("height", height), frames=whole("frames", frames), steps=whole("steps", steps),
+            guidance=number("guidance", guidance), shift=shift, sampler=options["sampler"], seed=seed,
+            fps=whole("fps", fps), preview=options["preview"],
+        )
+        try:  # the engine's own checks, before a model is loaded; it checks again with the model's constraints
+            validate(generation, SIZE_MULTIPLE, FRAME_STEP)
+        except WanError as error:
+            raise gr.Error(str(error)) from None
+        return generation
+
+    def image_size(self, picture: Image.Image, width, height) -> tuple[int, int]:
+        if width and height:
+            return whole("width", width), whole("height", height)
+        if width or height:
+            raise gr.Error("give both width and height, or leave both at 0 to take the size from the image")
+        default_width, default_height = self.config.sizes[0]
+        return size_for_aspect(picture.width / picture.height, default_width * default_height)
+
+    def save_first_frame(self, picture: Image.Image):
+        """Keep the (cropped) first frame beside the videos, so the history can put it back. Named by its content,
+        so a picture used for many runs is stored once."""
+        png = io.BytesIO()
+        picture.save(png, format="PNG")
+        path = self.first_frames_dir / f"{hashlib.sha256(png.getvalue()).hexdigest()[:16]}.png"
+        if not path.exists():
+            self.first_frames_dir.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png.getvalue())
+        return path
+
+    # -- running ---------------------------------------------------------------------------------------------------
+    def run(self, generation: GenerationRequest, options: dict, session: str):
+        """Queue one run on the engine's thread and stream its updates (see runs.py: it outlives the page)."""
+        yield progress_update(waiting_text("Starting"))
+        run = self.engine_thread.start(
+            session, lambda run: self.generate(generation, options, run),
+            waiting_update=progress_update(waiting_text("Waiting for the previous run to finish")),
+        )
+        yield from run.stream()
+
+    def generate(self, generation: GenerationRequest, options: dict, run: Run):
+        """The run itself, on the engine's thread: open the engine if needed, then generate, as output tuples."""
+        preview = None  # the latest latent preview, kept on the page until the next one
+        try:
+            engine = self.engines.get(self.config.model, options["preset"],
+                                      report=lambda line: run.send(progress_update(waiting_text(line))))
+            for item in engine.generate(generation, run.token):
+                if isinstance(item, Result):
+                    history.make_still(item.video_path)
+                    run.outcome = finished_text(item)
+                    yield str(item.video_path), item.seed, item.settings, run.outcome, preview
+                else:
+                    run.last_event = item
+                    preview = item.preview if item.preview is not None else preview
+                    yield progress_update(event_text(item), preview)
+        except Cancelled:
+            run.outcome = stopped_text(run.last_event)
+            yield progress_update(run.outcome, preview)
+        except WanError as error:
+            run.outcome = failed_text(str(error))
+            raise gr.Error(str(error)) from None
+
+    # -- the page's helpers (not part of the API) -----------------------------------------------------------------
+    def history(self):
+        records = history.load_history(self.config.output_dir)
+        return history.gallery_items(records), records
+
+
+def progress_update(text: str, preview=None) -> tuple:
+    """An update while running: no result yet (the fields stay empty), the progress line and the preview."""
+    return None, None, None, text, preview
+
+
+def whole(name: str, value) -> int:
+    if value is None:
+        raise gr.Error(f"{name} is missing: give a whole number")
+    if value != int(value):
+        raise gr.Error(f"{name} {value} is not allowed: it must be a whole number")
+    return int(value)
+
+
+def number(name: str, value) -> float:
+    if value is None:
+        raise gr.Error(f"{name} is missing: give a number")
+    return float(value)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)

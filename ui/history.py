@@ -1,0 +1,101 @@
+"""Past runs: the engine writes `wan-<time>-<seed>.mp4` and a JSON sidecar beside it for every video, so the
+output folder is the history; the only other thing kept there is a small still of each video for the gallery."""
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image
+
+from .sizes import CUSTOM, matching_choice
+
+HISTORY_LIMIT = 60  # newest runs shown in the gallery
+CAPTION_CHARS = 60
+THUMBNAIL_PIXELS = 320  # the longer side of a gallery still
+
+
+def load_history(output_dir: Path) -> list[dict]:
+    """The newest sidecars whose video still exists, newest first, each with `video_path` added."""
+    records = []
+    for sidecar in output_dir.glob("wan-*.json"):
+        try:
+            record = json.loads(sidecar.read_text())
+            video = output_dir / record["video"]
+        except (OSError, ValueError, KeyError, TypeError):  # a foreign or damaged file is not a run
+            continue
+        if video.is_file():
+            records.append({**record, "video_path": str(video)})
+    records.sort(key=lambda record: (record.get("created", ""), record["video_path"]), reverse=True)
+    return records[:HISTORY_LIMIT]
+
+
+def caption(record: dict) -> str:
+    prompt = record["settings"].get("prompt", "")
+    if len(prompt) > CAPTION_CHARS:
+        prompt = prompt[:CAPTION_CHARS - 1] + "…"
+    source = " · from a picture" if record["settings"].get("image") else ""
+    return f"{prompt}{source} · seed {record['seed']}"
+
+
+def gallery_items(records: list[dict]) -> list[tuple[str, str]]:
+    return [(still_or_video(Path(record["video_path"])), caption(record)) for record in records]
+
+
+# Stills are made by ffmpeg in a child process, and on Linux a fork while the engine's CPU BLAS (OpenBLAS) is in
+# the middle of a call can hang the engine for good. So they are made only where no engine work runs alongside:
+# at startup, and on the engine's own thread right after it saves a video. Listing the history never forks.
+def still_path(video: Path) -> Path:
+    return video.parent / "thumbnails" / f"{video.stem}.png"
+
+
+def still_or_video(video: Path) -> str:
+    """The video's still for the gallery, or the video itself (shown as a video) when it has none."""
+    still = still_path(video)
+    return str(still if still.exists() else video)
+
+
+def make_still(video: Path) -> None:
+    """Save a small still of the video's first frame into the output folder's thumbnails/ (unless it is there or
+    the video cannot be read)."""
+    still = still_path(video)
+    if still.exists():
+        return
+    try:
+        frames = imageio_ffmpeg.read_frames(str(video))
+        width, height = next(frames)["size"]
+        picture = Image.fromarray(np.frombuffer(next(frames), np.uint8).reshape(height, width, 3))
+        frames.close()
+    except (OSError, RuntimeError, StopIteration):
+        return
+    picture.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    still.parent.mkdir(exist_ok=True)
+    partial = still.with_name(f".{still.name}.partial")  # a crash never leaves half a still behind
+    picture.save(partial, format="PNG")
+    partial.replace(still)
+
+
+def make_missing_stills(output_dir: Path) -> None:
+    for record in load_history(output_dir):
+        make_still(Path(record["video_path"]))
+
+
+def input_picture(record: dict) -> str | None:
+    """The image an image-to-video run started from, when it is still on disk."""
+    image = record["settings"].get("image")
+    return image if image and Path(image).is_file() else None
+
+
+def form_values(record: dict, sizes: list[tuple[int, int]], for_image: bool) -> list:
+    """A past run's settings in the order of Form.restorable: resolution, [image], prompt, negative prompt, width,
+    height, frames, steps, guidance, shift, seed, fps. Image-to-video sizes come back as Custom, exactly as used."""
+    settings = record["settings"]
+    resolution = CUSTOM if for_image else matching_choice(settings["width"], settings["height"], sizes)
+    values = [
+        settings["prompt"], settings["negative_prompt"], settings["width"], settings["height"], settings["frames"],
+        settings["steps"], settings["guidance"], settings["shift"], record["seed"], settings["fps"],
+    ]
+    if for_image:
+        values.insert(0, input_picture(record) or gr.skip())
+    return [resolution, *values]

@@ -1,0 +1,197 @@
+"""The page: a header; the two tabs' forms beside the results; the history below; and the events between them.
+
+The Generate buttons are the API: /text_to_video and /image_to_video take the form's fields (their initial values
+are the API's defaults) and stream into the results. The sampler, memory preset and live-preview switch are page
+settings kept in the session (a gr.State, which API clients do not see), so the API's parameters stay exactly
+the generation settings.
+"""
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from wan_engine.demo import DEMO_NOTICE
+from wan_engine.presets import available_presets, load_preset
+from wan_engine.scheduler import SAMPLERS
+
+from . import history
+from .config import StudioConfig
+from .form import Form, build_form
+from .handlers import Studio
+
+TEXT_EXAMPLES = [
+    "A corgi runs along a sunny beach as waves roll in, slow motion, golden hour",
+    "Time-lapse of clouds drifting over snowy mountain peaks at sunrise",
+    "A steaming cup of coffee on a wooden table by a rainy window, soft morning light",
+]
+IMAGE_EXAMPLES = [
+    "The camera slowly pushes in while the leaves sway in the wind",
+    "The person turns toward the camera and smiles",
+]
+CSS = """
+.gradio-container { max-width: 1320px !important; }
+#live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+/* a landscape video fills its column; a portrait one stays within the screen */
+.capped-video video { max-height: 420px; }
+/* two stills a row on a phone, instead of four squeezed ones */
+@media (max-width: 640px) { #history-gallery .grid-container { grid-template-columns: repeat(2, 1fr) !important; } }
+"""
+
+
+@dataclass
+class Results:
+    progress: gr.Markdown
+    preview: gr.Image
+    video: gr.Video
+    seed: gr.Number
+    settings: gr.JSON
+    download: gr.DownloadButton
+
+    @property
+    def outputs(self) -> list:
+        """What the generation handlers yield, in order (API clients get the same tuple)."""
+        return [self.video, self.seed, self.settings, self.progress, self.preview]
+
+
+@dataclass
+class History:
+    gallery: gr.Gallery
+    records: gr.State  # the gallery's runs, in its order
+    picked: gr.State  # the run selected in the gallery
+    video: gr.Video  # the selected run's video
+    settings: gr.JSON  # and its settings
+    restore: gr.Button
+    refresh: gr.Button
+
+
+def build_app(config: StudioConfig) -> gr.Blocks:
+    studio = Studio(config)
+    with gr.Blocks(title="Wan Studio", analytics_enabled=False) as app:
+        gr.Markdown(header_text(config))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=340):
+                with gr.Tabs() as tabs:
+                    with gr.Tab("Text to video", id="text"):
+                        text_form = build_form(config, TEXT_EXAMPLES, for_image=False)
+                    with gr.Tab("Image to video", id="image"):
+                        image_form = build_form(config, IMAGE_EXAMPLES, for_image=True)
+                with gr.Accordion("Sampler, memory and live preview", open=False):
+                    sampler = gr.Radio(list(SAMPLERS), value="unipc", label="Sampler",
+                                       info="unipc: Wan's default. euler: simpler, needs more steps.")
+                    preset = gr.Radio(available_presets(), value=config.preset, label="Memory preset",
+                                      info=preset_help())
+                    live_preview = gr.Checkbox(True, label="Live preview",
+                                               info="Show a rough picture of the video at each step.")
+                options = gr.State(run_options(sampler.value, preset.value, live_preview.value))
+            with gr.Column(scale=1, min_width=340):
+                results = build_results()
+        past = build_history()
+
+        gr.on([sampler.change, preset.change, live_preview.change], run_options, [sampler, preset, live_preview],
+              options, queue=False, api_visibility="private")
+        live_preview.change(lambda on: gr.Image(visible=on), live_preview, results.preview, queue=False,
+                            api_visibility="private")
+        wire_generation(text_form, studio.text_to_video, "text_to_video", options, results, past, studio)
+        wire_generation(image_form, studio.image_to_video, "image_to_video", options, results, past, studio)
+        # Stop sets the run's cancel token, and the run's own stream ends with "Stopped at step i/N". (Gradio's
+        # `cancels` would cut that stream instead, racing its last updates against Stop's message.)
+        gr.on([text_form.stop.click, image_form.stop.click], studio.stop, None, results.progress, api_name="stop",
+              concurrency_limit=None)
+        wire_history(past, studio, config, tabs, sampler, text_form, image_form)
+        app.load(studio.history, None, [past.gallery, past.records], api_visibility="private")
+        # The browser draws an empty number as 0 until the server sends it a value; send "none yet".
+        app.load(lambda: None, None, results.seed, queue=False, api_visibility="private")
+    return app
+
+
+def header_text(config: StudioConfig) -> str:
+    lines = [
+        "# Wan Studio",
+        "Turn a prompt, or a prompt and a picture, into a short video with Wan2.2 TI2V-5B on Apple's MLX. "
+        "Describe what should happen and watch the video take shape step by step; a run can be stopped at any "
+        "time. Every video is kept in the history below with its settings.",
+    ]
+    if config.demo:
+        lines.append(f"> {DEMO_NOTICE[:1].upper()}{DEMO_NOTICE[1:]}.")
+    return "\n\n".join(lines)
+
+
+def preset_help() -> str:
+    descriptions = " ".join(f"{name}: {load_preset(name).description}" for name in available_presets())
+    return f"{descriptions} A change reloads the model on the next run."
+
+
+def run_options(sampler: str, preset: str, preview: bool) -> dict:
+    return {"sampler": sampler, "preset": preset, "preview": preview}
+
+
+def build_results() -> Results:
+    progress = gr.Markdown("Ready. A run's progress shows here.", label="Progress", elem_id="progress",
+                           container=True, min_height=48)
+    preview = gr.Image(label="Live preview", type="numpy", interactive=False, height=180, elem_id="live-preview",
+                       buttons=[], placeholder="A rough picture of the video appears here at each step.")
+    video = gr.Video(label="Video", interactive=False, autoplay=True, loop=True, elem_id="result-video",
+                     elem_classes=["capped-video"])
+    with gr.Row(equal_height=True):
+        seed = gr.Number(label="Seed used", precision=0, interactive=False, scale=2, placeholder="after a run")
+        download = gr.DownloadButton("Download MP4", visible=False, scale=1)
+    with gr.Accordion("Settings of this video (JSON)", open=False):
+        settings = gr.JSON(label="Settings", show_label=False, elem_id="result-settings")
+    return Results(progress, preview, video, seed, settings, download)
+
+
+def build_history() -> History:
+    with gr.Accordion("History", open=True):
+        gr.Markdown("Every video in the output folder, newest first. Pick one to play it, see its settings and put "
+                    "them back into the form.")
+        gallery = gr.Gallery(label="Past videos", columns=4, fit_columns=False, height=360, object_fit="contain",
+                             allow_preview=False, interactive=False, elem_id="history-gallery")
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=300):
+                video = gr.Video(label="Selected video", interactive=False, loop=True, visible=False,
+                                 elem_classes=["capped-video"])
+            with gr.Column(min_width=300):
+                settings = gr.JSON(label="Its settings", visible=False)
+        with gr.Row():
+            restore = gr.Button("Use these settings", interactive=False)
+            refresh = gr.Button("Refresh history")
+    return History(gallery, gr.State([]), gr.State(None), video, settings, restore, refresh)
+
+
+def wire_generation(form: Form, handler, api_name: str, options, results: Results, past: History,
+                    studio: Studio) -> None:
+    """Generate -> the streaming handler (one at a time across both tabs) -> download link and history."""
+
+    def show_download_and_history(video):
+        return gr.DownloadButton(value=video, visible=bool(video)), *studio.history()
+
+    event = form.generate.click(
+        handler, [*form.api_inputs, options], results.outputs, api_name=api_name, concurrency_id="generation",
+        concurrency_limit=1, show_progress_on=[results.progress], scroll_to_output=True,
+    )
+    event.then(show_download_and_history, results.video, [results.download, past.gallery, past.records],
+               api_visibility="private")
+
+
+def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, sampler, text_form: Form,
+                 image_form: Form) -> None:
+    past.refresh.click(studio.history, None, [past.gallery, past.records], api_visibility="private")
+
+    def pick(records: list, selection: gr.SelectData):
+        record = records[selection.index]
+        return (record, gr.Video(record["video_path"], visible=True), gr.JSON(record, visible=True),
+                gr.Button(interactive=True))
+
+    past.gallery.select(pick, past.records, [past.picked, past.video, past.settings, past.restore],
+                        api_visibility="private")
+
+    def restore(record: dict):
+        """The picked run's settings into its tab's form (and that tab shown)."""
+        for_image = bool(record["settings"].get("image"))
+        filled = history.form_values(record, config.sizes, for_image)
+        skipped = [gr.skip()] * len((image_form if not for_image else text_form).restorable)
+        forms = [*skipped, *filled] if for_image else [*filled, *skipped]
+        return gr.Tabs(selected="image" if for_image else "text"), record["settings"]["sampler"], *forms
+
+    past.restore.click(restore, past.picked, [tabs, sampler, *text_form.restorable, *image_form.restorable],
+                       api_visibility="private")

@@ -1,0 +1,68 @@
+"""The one-line progress report under the Generate button: stage, step i/N, seconds per step, ETA and memory.
+
+It is Markdown, so it reads the same on the page and in an API client's stream.
+"""
+
+STAGES = {
+    "download": "Downloading the model",
+    "load": "Loading the model",
+    "text": "Reading the prompt",
+    "image": "Reading the first frame",
+    "denoise": "Denoising",
+    "decode": "Decoding the video",
+    "save": "Saving",
+}
+BAR_WIDTH = 20
+
+
+def bar(step: int, total: int) -> str:
+    filled = round(BAR_WIDTH * step / total)
+    return "`" + "█" * filled + "░" * (BAR_WIDTH - filled) + "`"
+
+
+def seconds(value: float) -> str:
+    if value < 60:
+        return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+    minutes, rest = divmod(round(value), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def waiting_text(what: str) -> str:
+    return f"**{what}**"
+
+
+def event_text(event) -> str:
+    """A ProgressEvent as a line: '**Denoising** `██░░` step 2/4 · 0.31 s/step · ETA 1.0 s · 1.2 GiB in use'."""
+    parts = [f"**{STAGES.get(event.stage, event.stage)}**"]
+    if event.total:
+        parts.append(bar(event.step, event.total))
+    parts.append(event.message)
+    details = []
+    if event.step_s is not None:
+        details.append(f"{event.step_s:.2f} s/step")
+    if event.eta_s is not None:
+        details.append(f"ETA {seconds(event.eta_s)}")
+    if event.memory_gib:
+        details.append(f"{event.memory_gib:.2f} GiB in use")
+    return " ".join(parts) + "".join(f" · {detail}" for detail in details)
+
+
+def finished_text(result) -> str:
+    return (
+        f"**Done** in {seconds(result.timings['total_s'])} · seed {result.seed} · "
+        f"peak memory {result.peak_memory_gib:.2f} GiB · saved as `{result.video_path.name}`"
+    )
+
+
+def failed_text(message: str) -> str:
+    return f"**Failed**: {message}"
+
+
+def stopped_text(last_event) -> str:
+    """What Stop did, naming the step the run reached."""
+    where = ""
+    if last_event is not None and last_event.stage == "denoise":
+        where = f" at step {last_event.step}/{last_event.total}"
+    elif last_event is not None:
+        where = f" while {STAGES.get(last_event.stage, last_event.stage).lower()}"
+    return f"**Stopped**{where}. Nothing was written and the run's memory was freed; you can generate again."

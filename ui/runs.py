@@ -1,0 +1,86 @@
+"""The engine's thread: every run happens on one long-lived thread, one at a time, and Stop reaches the runs of
+one session.
+
+One thread, because MLX streams belong to the thread that made them (MLX 0.31.2 and later): an engine's arrays
+and compiled functions only work on the thread that created them, so the engine is created and used only here.
+A run does not belong to the page that asked for it either: if the browser goes away (a closed tab, a phone that
+sleeps, a dropped share link), Gradio stops streaming but the run still finishes and its video lands in the
+history; only Stop (the engine's cancel token) ends a run early.
+"""
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from wan_engine.engine import CancelToken
+
+
+class _Finished:
+    """Marks the end of a run's updates."""
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+@dataclass
+class Run:
+    session: str
+    token: CancelToken = field(default_factory=CancelToken)
+    finished: threading.Event = field(default_factory=threading.Event)
+    last_event: object = None  # the latest ProgressEvent (set by the work), for "stopped at step i/N"
+    outcome: str | None = None  # how it ended, as the progress line says it (set by the work)
+    updates: queue.Queue = field(default_factory=queue.Queue)
+
+    def send(self, update) -> None:
+        """Hand an update to the streaming handler (from the engine's thread)."""
+        self.updates.put(update)
+
+    def stream(self):
+        """The run's updates as they come; re-raises the error that ended it, if one did."""
+        while not isinstance(item := self.updates.get(), _Finished):
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+
+class EngineThread:
+    def __init__(self):
+        self._waiting = queue.Queue()  # (run, work) in the order they were asked for
+        self._runs_lock = threading.Lock()
+        self._runs: list[Run] = []  # asked for and not finished
+        threading.Thread(target=self._serve, name="engine", daemon=True).start()
+
+    def start(self, session: str, work, waiting_update) -> Run:
+        """Queue `work(run)`, a generator of updates, to run on the engine's thread; `waiting_update` is streamed
+        first when another run is ahead of it."""
+        run = Run(session)
+        with self._runs_lock:
+            if self._runs:
+                run.send(waiting_update)
+            self._runs.append(run)
+        self._waiting.put((run, work))
+        return run
+
+    def _serve(self) -> None:
+        while True:
+            run, work = self._waiting.get()
+            try:
+                for update in work(run):
+                    run.send(update)
+            except BaseException as error:  # handed to the streaming handler, which shows it on the page
+                run.send(_Failed(error))
+            finally:
+                with self._runs_lock:
+                    self._runs.remove(run)
+                run.send(_Finished())
+                run.finished.set()
+
+    def stop(self, session: str) -> list[Run]:
+        """Cancel `session`'s runs (each ends at its next check of the token); returns them."""
+        with self._runs_lock:
+            runs = [run for run in self._runs if run.session == session]
+        for run in runs:
+            run.token.cancel()
+        return runs
