@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     add_model_argument(commands.add_parser("download", help="fetch a model from the Hugging Face Hub ahead of time"))
     add_convert_arguments(commands.add_parser("convert", help="write a bf16 / q8 / q4 package that generate loads"))
     args = parser.parse_args(argv)
+    # transformers (tokenizer only here) warns at import that PyTorch is absent, which is how we run
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return {"generate": run_generate, "download": run_download, "convert": run_convert}[args.command](args)
     except WanError as e:
