@@ -139,3 +139,35 @@ def test_demo_model_runs_offline_without_torch_with_each_preset(preset, no_torch
         outputs.append(np.load(tmp_path / f"{preset}-{run}.npy"))
     assert outputs[0].shape == (9, 64, 96, 3)
     assert np.array_equal(outputs[0], outputs[1])  # the demo model is deterministic
+
+
+def test_a_stop_before_denoising_ends_the_run_between_stages(snapshots, tmp_path):
+    from wan_engine.engine import CancelToken
+    from wan_engine.errors import Cancelled
+
+    engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path)
+    cancel = CancelToken()
+    cancel.cancel()  # e.g. Stop pressed while the text was being encoded
+    with pytest.raises(Cancelled):
+        for event in engine.generate(GenerationRequest(prompt="a boat", **SMALL), cancel):
+            assert event.stage in ("text", "load")
+    assert "transformer" not in engine.parts and not list(tmp_path.glob("*.mp4"))
+
+
+def test_runs_finishing_together_do_not_overwrite_each_other(snapshots, tmp_path, monkeypatch):
+    import datetime as real
+
+    import wan_engine.engine as engine_module
+
+    class FrozenClock(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime(2026, 11, 25, 12, 0, 0, 123456)
+
+    monkeypatch.setattr(engine_module, "datetime", FrozenClock)
+    engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path)
+    first = engine.output_path(GenerationRequest(prompt="x"), seed=1)
+    assert first.name == "wan-20261125-120000-123-1.mp4"
+    first.write_bytes(b"an earlier video")
+    second = engine.output_path(GenerationRequest(prompt="x"), seed=1)
+    assert second.name == "wan-20261125-120000-123-1-1.mp4"

@@ -93,7 +93,7 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
                            info="4n+1: 1, 5, 9, ... More frames make a longer video and take longer.")
     duration = gr.Markdown(duration_text(defaults["frames"], defaults["fps"]))
     with gr.Accordion("Negative prompt", open=False):
-        negative_prompt = gr.Textbox(value=DEFAULT_NEGATIVE_PROMPT, label="Avoid", lines=3, info=NEGATIVE_PROMPT_HELP)
+        negative_prompt = gr.Textbox(value=DEFAULT_NEGATIVE_PROMPT, label="Things to avoid", lines=3, info=NEGATIVE_PROMPT_HELP)
     with gr.Accordion("Advanced: steps, guidance, shift, seed, fps", open=False):
         steps = BoundedSlider(1, 100, value=defaults["steps"], step=1, precision=0, label="Steps",
                               info="Denoising steps: more are slower and finer (Wan uses 50).")

@@ -77,6 +77,7 @@ def make_still(video: Path) -> None:
 
 
 def make_missing_stills(output_dir: Path) -> None:
+    """Stills for the runs the gallery shows that have none (made by the command line, or before stills existed)."""
     for record in load_history(output_dir):
         make_still(Path(record["video_path"]))
 

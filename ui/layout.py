@@ -188,8 +188,11 @@ def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, samp
     def restore(record: dict):
         """The picked run's settings into its tab's form (and that tab shown)."""
         for_image = bool(record["settings"].get("image"))
+        if for_image and history.input_picture(record) is None:
+            gr.Warning("That run's first frame is no longer on disk: upload the picture again.")
         filled = history.form_values(record, config.sizes, for_image)
-        skipped = [gr.skip()] * len((image_form if not for_image else text_form).restorable)
+        other_form = text_form if for_image else image_form
+        skipped = [gr.skip()] * len(other_form.restorable)
         forms = [*skipped, *filled] if for_image else [*filled, *skipped]
         return gr.Tabs(selected="image" if for_image else "text"), record["settings"]["sampler"], *forms
 

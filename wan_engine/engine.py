@@ -124,6 +124,8 @@ def validate(request: GenerationRequest, size_multiple: int, frame_step: int) ->
 
 
 class Engine:
+    """Create and use an engine on one thread: MLX streams belong to the thread that made them (MLX >= 0.31.2)."""
+
     def __init__(self, model, dtype: str | None = None, preset: str = "normal", output_dir="outputs",
                  download_progress=None, prompt_cache: PromptEmbeddingCache | None = None):
         dtype = dtype or default_dtype()
@@ -188,10 +190,13 @@ class Engine:
         gc.collect()
         mx.clear_cache()
 
-    def _end_stage(self) -> None:
+    def _end_stage(self, cancel: CancelToken | None) -> None:
+        """Between stages: free what the stage left behind, and stop here if the run was cancelled."""
         if self.preset.clear_cache_between_stages:
             gc.collect()
             mx.clear_cache()
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled()
 
     # -- stages ----------------------------------------------------------------------------------------------------
     def _encode_text(self, prompts: list[str], timings: dict):
@@ -271,7 +276,7 @@ class Engine:
         mx.eval(context)
         lap("text_s", start)
         timings["text_s"] = round(timings["text_s"] - timings.get("load_s", 0.0), 4)  # loading counted apart
-        self._end_stage()
+        self._end_stage(cancel)
 
         condition = None
         if image is not None or (request.preview and self.preview_map is None):
@@ -286,7 +291,7 @@ class Engine:
             yield from self._calibrate_preview(timings)
         if preset.release_transformer_before_decode:  # low memory: the VAE is not kept beside the transformer
             self.release("vae")
-        self._end_stage()
+        self._end_stage(cancel)
 
         yield from self._load("transformer", timings)
         scheduler = make_scheduler(request.sampler, request.steps, self.shift(request), self.scheduler_config)
@@ -304,7 +309,7 @@ class Engine:
         del noise, context, condition, steps
         if preset.release_transformer_before_decode:
             self.release("transformer")
-        self._end_stage()
+        self._end_stage(cancel)
 
         yield from self._load("vae", timings)
         start = time.perf_counter()
@@ -320,7 +325,7 @@ class Engine:
                                 memory_gib=gib(mx.get_active_memory()))
         lap("decode_s", start)
         del latents
-        self._end_stage()
+        self._end_stage(cancel)
 
         yield ProgressEvent("save", "writing the video")
         start = time.perf_counter()
@@ -345,5 +350,9 @@ class Engine:
     def output_path(self, request: GenerationRequest, seed: int) -> Path:
         if request.output:
             return Path(request.output)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        return self.output_dir / f"wan-{stamp}-{seed}.mp4"
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]  # milliseconds: runs finishing together differ
+        path = self.output_dir / f"wan-{stamp}-{seed}.mp4"
+        counter = 1
+        while path.exists():
+            path, counter = self.output_dir / f"wan-{stamp}-{seed}-{counter}.mp4", counter + 1
+        return path
