@@ -1,3 +1,14 @@
-"""Wan Studio's MLX engine for Wan2.2 TI2V-5B."""
+"""Wan Studio's MLX engine for Wan2.2 TI2V-5B.
+
+    from wan_engine import Engine, GenerationRequest, Result
+    engine = Engine("demo")
+    for item in engine.generate(GenerationRequest(prompt="a red kite", width=96, height=64, frames=9, steps=4)):
+        print(item)  # ProgressEvents, then the Result
+"""
 
 __version__ = "0.1.0"
+
+from .engine import CancelToken, Engine, GenerationRequest, ProgressEvent, Result  # noqa: E402
+from .errors import Cancelled, WanError  # noqa: E402
+
+__all__ = ["CancelToken", "Cancelled", "Engine", "GenerationRequest", "ProgressEvent", "Result", "WanError"]
