@@ -202,6 +202,7 @@ def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path) -
         "peak_gib": max(new_prompt.peak_memory_gib, warm.peak_memory_gib),
         "cold_total_s": round(cold_total, 3),
         "stage_peak_gib": json.loads(warm.sidecar_path.read_text())["stage_peak_memory_gib"],
+        "stage_peak_gib_new_prompt": json.loads(new_prompt.sidecar_path.read_text())["stage_peak_memory_gib"],
         "timings_warm": t_warm,
         "timings_new_prompt": t_new,
     }

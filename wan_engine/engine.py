@@ -23,15 +23,15 @@ from .errors import Cancelled, WanError
 from .hub import resolve_model
 from .loading import Snapshot
 from .pipeline import (
-    DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, from_diffusers_layout,
-    generate_latents, initial_noise, latent_shape, load_image,
+    DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
+    from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image,
 )
 from .presets import load_preset
 from .preview import calibrate, latent_preview
 from .prompt_cache import PromptEmbeddingCache, encoder_identity
 from .scheduler import SAMPLERS, make_scheduler
 from .text_encoder import encode_prompts, prompt_clean
-from .video import to_uint8, write_sidecar, write_video
+from .video import VideoWriter, write_sidecar
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 TEXT_LENGTH = 512  # Wan's text length: prompts are padded (with zeros past their end) to 512 tokens
@@ -213,7 +213,7 @@ class Engine:
                 cached = np.array(embedding[0].astype(mx.float32))
                 self.prompt_cache.put(key, cached)
             rows.append(cached)
-        if self.preset.release_text_encoder:
+        if self.preset.release_text_encoder and "text_encoder" in self.parts:
             self.release("text_encoder")
         return mx.array(np.stack(rows)).astype(self.dtype)
 
@@ -313,25 +313,32 @@ class Engine:
 
         yield from self._load("vae", timings)
         start = time.perf_counter()
-        chunks, frames_float = [], []
-        tile = self._vae_tile(request.width, request.height)
-        for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile):
-            if frames is not None:
-                chunks.append(to_uint8(frames))
-                if request.keep_frames:
-                    frames_float.append(frames)
-            what = "tile" if tile else "latent frame"
-            yield ProgressEvent("decode", f"decoded {what} {done}/{total}", done, total,
-                                memory_gib=gib(mx.get_active_memory()))
-        lap("decode_s", start)
-        del latents
-        self._end_stage(cancel)
-
-        yield ProgressEvent("save", "writing the video")
-        start = time.perf_counter()
         settings = self.settings(request, seed, negative)
         video_path = self.output_path(request, seed)
-        write_video(video_path, np.concatenate(chunks), request.fps, {"title": request.prompt, "comment": settings})
+        # ffmpeg encodes each decoded chunk while the next one decodes; a cancelled or failed run leaves no file.
+        writer = VideoWriter(video_path, request.width, request.height, request.fps,
+                             {"title": request.prompt, "comment": settings})
+        try:
+            frames_float = []
+            tile = self._vae_tile(request.width, request.height)
+            for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile):
+                if frames is not None:
+                    writer.add(frames_to_uint8(frames))
+                    if request.keep_frames:
+                        frames_float.append(np.array(frames))
+                what = "tile" if tile else "latent frame"
+                yield ProgressEvent("decode", f"decoded {what} {done}/{total}", done, total,
+                                    memory_gib=gib(mx.get_active_memory()))
+            lap("decode_s", start)
+            del latents
+            self._end_stage(cancel)
+
+            yield ProgressEvent("save", "writing the video")
+            start = time.perf_counter()
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
         lap("save_s", start)
         timings["total_s"] = round(time.perf_counter() - run_start, 4)
         peak = max(stage_peaks.values())

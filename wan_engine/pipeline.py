@@ -144,17 +144,25 @@ def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=N
     """Decode latents to float32 frames in [0, 1] (diffusers' postprocessing), yielding (done, total, frames):
     untiled, one chunk per latent frame (the VAE's causal cache carried along), `frames` (T_i, H, W, 3);
     tiled (`tile` = {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at
-    the end (`frames` None before)."""
+    the end (`frames` None before). Frames are MLX arrays."""
 
     def chunks(z):
         for chunk in vae.decode_chunks(z):
             if cancel is not None and cancel.cancelled:
                 raise Cancelled()
-            yield np.array(mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32))
+            yield mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32)
 
     z = normalizer.denormalize(latents.astype(vae.dtype))
     if tile is None:
         for i, frames in enumerate(chunks(z), start=1):
             yield i, z.shape[1], frames
         return
-    yield from decode_tiled(chunks, z, vae.config.scale_factor_spatial, tile["tile"], tile["overlap"])
+    tiles = decode_tiled(lambda z: map(np.array, chunks(z)), z, vae.config.scale_factor_spatial, tile["tile"],
+                         tile["overlap"])
+    for done, total, video in tiles:
+        yield done, total, None if video is None else mx.array(video)
+
+
+def frames_to_uint8(frames: mx.array) -> np.ndarray:
+    """Float frames in [0, 1] -> uint8 numpy, rounding to the nearest level (as video.to_uint8), on the device."""
+    return np.array(mx.round(mx.clip(frames, 0.0, 1.0) * 255.0).astype(mx.uint8))

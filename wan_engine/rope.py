@@ -18,7 +18,8 @@ def rope_axis_dims(head_dim: int) -> tuple:
 
 
 def rope_tables(head_dim: int, grid: tuple, theta: float = 10000.0) -> tuple:
-    """(cos, sin) for a (frames, height, width) token grid, each (frames * height * width, head_dim // 2) float32.
+    """Rotation tables for a (frames, height, width) token grid, each (tokens, 1, head_dim) float32, for
+    `apply_rope`: cos per channel ([c0, c0, c1, c1, ...]) and sin signed for the pair swap ([-s0, s0, -s1, s1, ...]).
 
     Rows follow the patch embedding's token order (frame-major). The angles and their cos / sin are computed in
     float64 and rounded to float32, as diffusers does (except on Apple MPS, where diffusers stays in float32).
@@ -30,17 +31,18 @@ def rope_tables(head_dim: int, grid: tuple, theta: float = 10000.0) -> tuple:
         shape = [1, 1, 1, dim // 2]
         shape[axis] = n
         angles.append(np.broadcast_to(axis_angles.reshape(shape), (*grid, dim // 2)))
-    angles = np.concatenate(angles, axis=-1).reshape(-1, head_dim // 2)
-    return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
+    angles = np.concatenate(angles, axis=-1).reshape(-1, 1, head_dim // 2)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return mx.array(np.repeat(cos, 2, axis=-1)), mx.array(np.stack([-sin, sin], axis=-1).reshape(cos.shape[0], 1, -1))
 
 
-@mx.compile  # fuses the elementwise ops: no float32 temporaries of the (B, heads, L, head_dim) queries / keys
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate the channel pairs of x (B, heads, L, head_dim) by the (L, head_dim // 2) tables.
+@mx.compile  # one elementwise kernel: no float32 temporaries of the queries / keys
+def apply_rope(x: mx.array, cos: mx.array, sin_signed: mx.array) -> mx.array:
+    """Rotate the channel pairs (x[..., 0::2], x[..., 1::2]) of x (B, L, heads, head_dim) by the `rope_tables`.
 
-    The float32 tables promote the arithmetic to float32; the result is cast back to x's dtype, as diffusers does.
+    diffusers computes out[0::2] = x1 cos - x2 sin and out[1::2] = x1 sin + x2 cos in float32 (the tables promote
+    it) and casts back to x's dtype. Here the same products and sums come from x * cos + swap_pairs(x) * sin_signed,
+    where swap_pairs exchanges the two channels of each pair, in one pass over x.
     """
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    rotated = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-    return rotated.reshape(x.shape).astype(x.dtype)
+    swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    return (x * cos + swapped * sin_signed).astype(x.dtype)

@@ -202,7 +202,10 @@ class UMT5Stack(nn.Module):
 
         hidden_states = inputs_embeds
         for layer_module in self.block:
+            # Layer by layer: a GPU backend keeps a graph's intermediates (here each layer's attention scores and
+            # position bias) until the graph's work completes.
             hidden_states = layer_module(hidden_states, position_buckets, additive_mask)
+            mx.eval(hidden_states)
         return self.final_layer_norm(hidden_states)
 
 

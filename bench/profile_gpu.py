@@ -1,0 +1,171 @@
+"""Where the time and memory go, part by part, at the real TI2V-5B sizes (random weights, no snapshot needed).
+
+    python3 bench/profile_gpu.py              # on the GPU machine (bf16): both parts
+    python3 bench/profile_gpu.py --part vae   # or --part block
+    python3 bench/profile_gpu.py --tiny       # a quick run of the same code on a CPU
+
+block: one transformer block's pieces (self-attention and its projections, cross-attention, feed-forward, norms and
+modulation) timed apart, for the CFG pair at 1280x704 with 17 and 121 frames.
+kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy.
+vae: VAE decode of 17 frames at 1280x704 with several row-band heights (vae_rows.py): time and MLX peak.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
+
+from wan_engine.config import VAEConfig  # noqa: E402
+from wan_engine.rope import apply_rope, rope_tables  # noqa: E402
+from wan_engine.transformer import WanTransformerBlock, gelu_tanh  # noqa: E402
+from wan_engine.vae import WanVAE  # noqa: E402
+
+GIB = 2**30
+
+
+def randomize(module: nn.Module, dtype) -> None:
+    """Small random weights (keeps activations finite through many layers), in `dtype`."""
+    key = iter(mx.random.split(mx.random.key(0), 4096))
+    module.update(tree_map(lambda p: (mx.random.normal(p.shape, key=next(key)) * 0.02).astype(dtype),
+                           module.parameters()))
+    mx.eval(module.parameters())
+
+
+def timed(fn, repeats=5) -> float:
+    """Median seconds of fn() after two warm-up calls (compilation, allocator)."""
+    for _ in range(2):
+        mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return round(sorted(times)[len(times) // 2] * 1000, 3)
+
+
+def profile_block(dim, heads, ffn, grids, dtype) -> dict:
+    block = WanTransformerBlock(dim, ffn, heads, cross_attn_norm=True, eps=1e-6)
+    randomize(block, dtype)
+    compiled = mx.compile(block)
+    report = {}
+    for name, grid in grids.items():
+        tokens = grid[0] * grid[1] * grid[2]
+        x = mx.random.normal((2, grid[0], tokens // grid[0], dim)).astype(dtype)
+        tproj = mx.random.normal((2, grid[0], 6, dim)).astype(dtype)
+        text = mx.random.normal((2, 512, dim)).astype(dtype)
+        kv = block.attn2.key_value(text)
+        rope = rope_tables(dim // heads, grid)
+        flat = x.reshape(2, tokens, dim)
+        q = block.attn1._heads(flat).transpose(0, 2, 1, 3)
+        hidden = mx.random.normal((2, tokens, ffn)).astype(dtype)
+        mx.eval(x, tproj, kv, rope, q, hidden)
+        row = {
+            "block_compiled_ms": timed(lambda: compiled(x, tproj, kv, rope)),
+            "block_eager_ms": timed(lambda: block(x, tproj, kv, rope)),
+            "self_attention_ms": timed(lambda: block.attn1(flat, rope=rope)),
+            "sdpa_self_ms": timed(lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=0.088)),
+            "qkv_out_linears_ms": timed(lambda: [block.attn1.to_q(flat), block.attn1.to_k(flat),
+                                                 block.attn1.to_v(flat), block.attn1.to_out[0](flat)]),
+            "qk_norm_rope_ms": timed(lambda: [apply_rope(block.attn1._heads(block.attn1.norm_q(flat)), *rope),
+                                              apply_rope(block.attn1._heads(block.attn1.norm_k(flat)), *rope)]),
+            "cross_attention_ms": timed(lambda: block.attn2(flat, kv=kv)),
+            "ffn_ms": timed(lambda: block.ffn(flat)),
+            "ffn_gelu_only_ms": timed(lambda: gelu_tanh(hidden)),
+            "layer_norm_modulate_ms": timed(lambda: (block.norm1(flat.astype(mx.float32)) * 1.1 + 0.1).astype(dtype)),
+        }
+        row["tokens"] = tokens
+        report[name] = row
+        print(name, json.dumps(row), flush=True)
+        del x, tproj, kv, q, hidden, flat
+        mx.clear_cache()
+    return report
+
+
+def profile_kernels(dim, heads, ffn, grids, dtype) -> dict:
+    """The elementwise work around the block's matmuls against a plain copy of the same tensor (memory-bound)."""
+    report = {}
+    for name, grid in grids.items():
+        tokens = grid[0] * grid[1] * grid[2]
+        hidden = mx.random.normal((2, tokens, ffn)).astype(dtype)
+        x = mx.random.normal((2, tokens, dim)).astype(dtype)
+        rope = rope_tables(dim // heads, grid)
+        weight = mx.ones((dim,), dtype)
+        heads_view = x.reshape(2, tokens, heads, -1)
+        mx.eval(hidden, x, rope)
+        row = {
+            "copy_ffn_hidden_ms": timed(lambda: hidden * 2),
+            "gelu_ms": timed(lambda: gelu_tanh(hidden)),
+            "copy_q_ms": timed(lambda: x * 2),
+            "rms_norm_ms": timed(lambda: mx.fast.rms_norm(x, weight, 1e-6)),
+            "rope_ms": timed(lambda: apply_rope(heads_view, *rope)),
+        }
+        report[name] = row
+        print(name, json.dumps(row), flush=True)
+        del hidden, x, heads_view
+        mx.clear_cache()
+    return report
+
+
+def profile_vae(config: VAEConfig, latent_shape, dtype, band_choices) -> dict:
+    """Decode latents of `latent_shape` (t, h, w) with each band height: time and the MLX peak over the weights."""
+    vae = WanVAE(config)
+    randomize(vae, dtype)
+    report = {"weights_gib": round(sum(v.nbytes for _, v in tree_flatten(vae.parameters())) / GIB, 3)}
+    z = mx.random.normal((1, *latent_shape, config.z_dim)).astype(dtype)
+    mx.eval(z)
+    reference = None
+    for band_rows in band_choices:
+        for _ in vae.decode_chunks(z[:, :2], band_rows):  # warm-up
+            pass
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        frames = [np.array(chunk.astype(mx.float32)) for chunk in vae.decode_chunks(z, band_rows)]
+        row = {"s": round(time.perf_counter() - start, 3), "peak_gib": round(mx.get_peak_memory() / GIB, 3)}
+        video = np.concatenate(frames, axis=1)
+        if reference is None:
+            reference = video
+        row["max_diff_vs_first"] = float(np.abs(video - reference).max())
+        report[f"band_rows={band_rows}"] = row
+        print("vae decode", latent_shape, f"band_rows={band_rows}", json.dumps(row), flush=True)
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["block", "kernels", "vae", "all"], default="all")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    report = {"device": str(mx.default_device()), "mlx": mx.__version__}
+    if args.part in ("block", "all"):
+        if args.tiny:
+            report["block"] = profile_block(64, 2, 128, {"17f": (5, 4, 8), "121f": (31, 4, 8)}, dtype)
+        else:
+            report["block"] = profile_block(3072, 24, 14336, {"17f": (5, 22, 40), "121f": (31, 22, 40)}, dtype)
+    if args.part in ("kernels", "all"):
+        if args.tiny:
+            report["kernels"] = profile_kernels(64, 2, 128, {"121f": (31, 4, 8)}, dtype)
+        else:
+            report["kernels"] = profile_kernels(3072, 24, 14336, {"17f": (5, 22, 40), "121f": (31, 22, 40)}, dtype)
+    if args.part in ("vae", "all"):
+        config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
+        if args.tiny:
+            config.decoder_base_dim = 16
+        shape, bands = ((3, 4, 8), [None, 2, 1]) if args.tiny else ((5, 44, 80), [None, 11, 6, 4])
+        report["vae"] = profile_vae(config, shape, dtype, bands)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
