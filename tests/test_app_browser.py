@@ -54,10 +54,17 @@ def visible(locator):
 
 
 def set_slider(page, label: str, value: int) -> None:
+    """Type the value into the slider's number box. The page's load event may still be setting the model's
+    defaults when a test starts (later, on a busy server), so the value is typed again until it holds."""
     field = visible(page.get_by_label(f"number input for {label}", exact=True))
-    field.fill(str(value))
-    field.press("Tab")
-    expect(visible(page.get_by_label(f"range slider for {label}", exact=True))).to_have_value(str(value))
+    slider = visible(page.get_by_label(f"range slider for {label}", exact=True))
+    for _ in range(5):
+        field.fill(str(value))
+        field.press("Tab")
+        page.wait_for_timeout(300)
+        if slider.input_value() == str(value):
+            break
+    expect(slider).to_have_value(str(value))
 
 
 def generate_and_wait(page):

@@ -12,9 +12,10 @@ from wan_engine import vae_tiling
 from wan_engine.engine import Engine, GenerationRequest, Result
 from wan_engine.errors import WanError
 from wan_engine.loading import Snapshot
-from wan_engine.pipeline import LatentNormalizer, decode_frames
+from wan_engine.pipeline import LatentNormalizer, decode_frames, frames_to_uint8
 from wan_engine.presets import available_presets, load_preset
 from wan_engine.prompt_cache import PromptEmbeddingCache
+from wan_engine.video import VideoWriter, read_metadata, read_video, to_uint8
 
 SMALL = dict(width=64, height=64, frames=5, steps=2, seed=5)
 
@@ -110,11 +111,12 @@ def test_presets_are_different_data_and_bad_ones_are_refused(tmp_path):
 
 
 def test_a_preset_releasing_parts_gives_the_same_video(snapshots, tmp_path):
-    """Releasing and reloading parts between stages and running the guidance pair as two passes (as the
-    low-memory preset does) changes nothing but round-off."""
+    """Releasing and reloading parts between stages, running the guidance pair as two passes and the blocks one
+    at a time (as the low-memory preset does) changes nothing but round-off."""
     preset = tmp_path / "lean.json"
     preset.write_text(json.dumps({"release_text_encoder": True, "release_transformer_before_decode": True,
-                                  "vae_tile": None, "cache_limit_gib": 0, "cfg_batch": False}))
+                                  "vae_tile": None, "cache_limit_gib": 0, "cfg_batch": False,
+                                  "block_lookahead": False}))
     _, reference = generate(Engine(snapshots["small"], dtype="float32", output_dir=tmp_path), prompt="a kite", **SMALL)
     lean = Engine(snapshots["small"], dtype="float32", preset=str(preset), output_dir=tmp_path)
     events, result = generate(lean, prompt="a kite", image=None, **SMALL)
@@ -171,3 +173,26 @@ def test_runs_finishing_together_do_not_overwrite_each_other(snapshots, tmp_path
     first.write_bytes(b"an earlier video")
     second = engine.output_path(GenerationRequest(prompt="x"), seed=1)
     assert second.name == "wan-20261125-120000-123-1-1.mp4"
+
+
+def test_frames_to_uint8_on_the_device_equals_the_numpy_rounding():
+    values = np.concatenate([np.random.default_rng(0).uniform(-0.1, 1.1, 10_000),
+                             (np.arange(256) + 0.5) / 255, [0.0, 1.0]]).astype(np.float32).reshape(1, -1, 1, 1)
+    assert np.array_equal(frames_to_uint8(mx.array(values)), to_uint8(values))
+
+
+def test_video_writer_encodes_chunk_by_chunk_and_leaves_nothing_when_aborted(tmp_path):
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 256, (n, 32, 48, 3), dtype=np.uint8) for n in (1, 4, 4)]
+    writer = VideoWriter(tmp_path / "v.mp4", 48, 32, 12, {"title": "chunks"})
+    for chunk in chunks:
+        writer.add(chunk)
+    writer.finish()
+    video, fps = read_video(tmp_path / "v.mp4")
+    assert video.shape == (9, 32, 48, 3) and fps == 12
+    assert read_metadata(tmp_path / "v.mp4")["title"] == "chunks"
+
+    writer = VideoWriter(tmp_path / "w.mp4", 48, 32, 12)
+    writer.add(chunks[1])
+    writer.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]

@@ -8,6 +8,8 @@ finally the video, the seed used and the settings. Their parameter names are the
 import hashlib
 import io
 import secrets
+import tempfile
+from pathlib import Path
 
 import gradio as gr
 from PIL import Image
@@ -32,6 +34,7 @@ class Studio:
         self.engines = EngineCache(config.output_dir)
         self.engine_thread = EngineThread()
         self.first_frames_dir = config.output_dir / "inputs"
+        self.previews_dir = Path(tempfile.mkdtemp(prefix="wan-studio-previews-"))
         history.make_missing_stills(config.output_dir)  # now, before any engine work (see history.py)
 
     # -- the API ---------------------------------------------------------------------------------------------------
@@ -128,18 +131,25 @@ class Studio:
 
     def generate(self, generation: GenerationRequest, options: dict, run: Run):
         """The run itself, on the engine's thread: open the engine if needed, then generate, as output tuples."""
-        preview = None  # the latest latent preview, kept on the page until the next one
+        # Each new latent preview goes out as a PNG of its own, sent again unchanged with the following updates:
+        # Gradio copies a file into its cache once, while an image array would be rewritten there on every update,
+        # under a client that may still be downloading it.
+        for stale in self.previews_dir.glob("*.png"):  # the previous run's (Gradio keeps its own copies)
+            stale.unlink()
+        preview = None
         try:
             engine = self.engines.get(self.config.model, options["preset"],
                                       report=lambda line: run.send(progress_update(waiting_text(line))))
-            for item in engine.generate(generation, run.token):
+            for number, item in enumerate(engine.generate(generation, run.token)):
                 if isinstance(item, Result):
                     history.make_still(item.video_path)
                     run.outcome = finished_text(item)
                     yield str(item.video_path), item.seed, item.settings, run.outcome, preview
                 else:
                     run.last_event = item
-                    preview = item.preview if item.preview is not None else preview
+                    if item.preview is not None:
+                        preview = str(self.previews_dir / f"preview-{number}.png")
+                        Image.fromarray(item.preview).save(preview)
                     yield progress_update(event_text(item), preview)
         except Cancelled:
             run.outcome = stopped_text(run.last_event)

@@ -173,6 +173,7 @@ class Engine:
             part = snapshot.load_text_encoder(self.dtype, quantize=preset.text_encoder_quantization)
         elif name == "transformer":
             part = snapshot.load_transformer(self.dtype, quantize=preset.transformer_quantization)
+            part.block_lookahead = preset.block_lookahead
             if preset.compile:
                 part.compile()
         else:
@@ -185,15 +186,16 @@ class Engine:
 
     def release(self, *names: str) -> None:
         """Drop loaded parts (all when no name is given) and return their memory to the system."""
-        for name in names or list(self.parts):
-            self.parts.pop(name, None)
-        gc.collect()
-        mx.clear_cache()
+        dropped = [self.parts.pop(name) for name in names or list(self.parts) if name in self.parts]
+        if dropped:
+            del dropped
+            gc.collect()  # a part's compiled graphs may hold it in reference cycles
+            mx.clear_cache()
 
     def _end_stage(self, cancel: CancelToken | None) -> None:
-        """Between stages: free what the stage left behind, and stop here if the run was cancelled."""
+        """Between stages: return the memory the stage left behind (its arrays are freed as they are dropped), and
+        stop here if the run was cancelled."""
         if self.preset.clear_cache_between_stages:
-            gc.collect()
             mx.clear_cache()
         if cancel is not None and cancel.cancelled:
             raise Cancelled()
@@ -207,13 +209,15 @@ class Engine:
             key = self.prompt_cache.key(self.text_identity, prompt_clean(prompt), TEXT_LENGTH)
             cached = self.prompt_cache.get(key, TEXT_LENGTH)
             if cached is None:
+                if self.preset.release_transformer_before_decode:  # one large part in memory at a time
+                    self.release("vae", "transformer")
                 yield from self._load("tokenizer", timings)
                 yield from self._load("text_encoder", timings)
                 embedding = encode_prompts(self.parts["text_encoder"], self.parts["tokenizer"], [prompt], TEXT_LENGTH)
                 cached = np.array(embedding[0].astype(mx.float32))
                 self.prompt_cache.put(key, cached)
             rows.append(cached)
-        if self.preset.release_text_encoder and "text_encoder" in self.parts:
+        if self.preset.release_text_encoder:
             self.release("text_encoder")
         return mx.array(np.stack(rows)).astype(self.dtype)
 

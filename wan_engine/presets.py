@@ -20,12 +20,13 @@ class Preset:
     transformer_quantization: dict | None = None  # {"bits": 8|4, "group_size": 64}
     text_encoder_quantization: dict | None = None
     release_text_encoder: bool = True  # after encoding; the prompt-embedding cache covers repeats
-    release_transformer_before_decode: bool = False
+    release_transformer_before_decode: bool = False  # and the VAE while the text encoder or transformer works
     vae_tile: dict | None = None  # {"min_pixels": decode untiled below this many pixels per frame, "tile", "overlap"}
     memory_limit_gib: float | None = None  # mx.set_memory_limit
     cache_limit_gib: float | None = None  # mx.set_cache_limit: how much freed memory MLX may keep for reuse
     clear_cache_between_stages: bool = True
     cfg_batch: bool = True  # the guidance pair as one batch of two (faster) or two passes (half the activations)
+    block_lookahead: bool = True  # queue the next transformer block while one runs (faster; two blocks' activations)
     compile: bool = True  # run the transformer's blocks as compiled graphs (same numbers, fewer kernels)
 
 

@@ -224,6 +224,7 @@ class WanTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, out_channels)
         self.scale_shift_table = mx.zeros((1, 2, dim))
         self._compiled_blocks = None  # set by compile()
+        self.block_lookahead = True  # see __call__
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -283,13 +284,17 @@ class WanTransformer(nn.Module):
         pending = None
         for block, kv in zip(self._compiled_blocks or self.blocks, context):
             x = block(x, timestep_proj, kv, rope)
-            # Evaluate block by block, one block ahead: a GPU backend keeps every intermediate buffer of a graph
-            # until the graph's work completes, so one graph of all blocks would hold all their activations
-            # (16 GiB at 1280x704x17). Waiting for the previous block keeps about two blocks' worth.
-            mx.async_eval(x)
-            if pending is not None:
-                mx.eval(pending)
-            pending = x
+            # Evaluate block by block: a GPU backend keeps every intermediate buffer of the work it was given until
+            # that work completes, so one graph of all blocks would hold all their activations (16 GiB at
+            # 1280x704x17). With `block_lookahead` the next block is queued while one runs (two blocks' worth of
+            # activations, no idle GPU); without, one block's worth.
+            if self.block_lookahead:
+                mx.async_eval(x)
+                if pending is not None:
+                    mx.eval(pending)
+                pending = x
+            else:
+                mx.eval(x)
 
         # Output norm with the final float32 modulation, projection, unpatchify
         shift, scale = mx.split(self.scale_shift_table.astype(mx.float32) + temb[:, :, None], 2, axis=2)

@@ -29,9 +29,6 @@ from .vae_layers import (
     WanUpBlock,
     silu,
 )
-from .vae_rows import DecoderRows
-
-
 
 
 class WanEncoder3d(nn.Module):
@@ -86,18 +83,12 @@ class WanDecoder3d(nn.Module):
         self.norm_out = WanRMS_norm(dims[-1], images=False)
         self.conv_out = WanCausalConv3d(dims[-1], out_channels, 3, padding=1)
 
-    def __call__(self, x: mx.array, cache: FeatureCache, histories: dict, first_chunk: bool,
-                 band_rows: int | None = None) -> mx.array:
-        """Decode one chunk (one latent frame). The input conv and the mid block (whose attention sees the whole
-        frame) run on the whole frame; the rest on bands of `band_rows` latent rows (None: one band), which is
-        exact and bounds the memory of the high-resolution layers to a band (vae_rows.py)."""
+    def __call__(self, x: mx.array, cache: FeatureCache, first_chunk: bool) -> mx.array:
         x = self.conv_in.cached(x, cache)
-        x = cache.settle(self.mid_block(x, cache))
-        rows = DecoderRows(self, histories, first_chunk)
-        height = x.shape[2]
-        step = band_rows or height
-        bands = [rows.push(x[:, :, start:start + step], last=start + step >= height) for start in range(0, height, step)]
-        return mx.concatenate([band for band in bands if band is not None], axis=2)
+        x = self.mid_block(x, cache)
+        for up_block in self.up_blocks:
+            x = up_block(x, cache, first_chunk)
+        return self.conv_out.cached(silu(self.norm_out(x)), cache)
 
 
 def patchify(x: mx.array, p: int) -> mx.array:
@@ -154,24 +145,24 @@ class WanVAE(nn.Module):
             mx.eval(means[-1], cache.arrays())
         return mx.concatenate(means, axis=1)
 
-    def decode_chunks(self, z: mx.array, band_rows: int | None = None) -> Iterator[mx.array]:
+    def decode_chunks(self, z: mx.array) -> Iterator[mx.array]:
         """z (B, t, h, w, z_dim), unnormalized -> one decoded chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1].
 
         T_0 = 1 and T_i = 4 after it for Wan's VAEs (1 + 4 (t - 1) frames in all). Each chunk is evaluated before it
-        is yielded; between chunks the caller may report progress or stop. `band_rows`: see WanDecoder3d.
+        is yielded; between chunks the caller may report progress or stop.
         """
         p = self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
-        cache, histories = FeatureCache(), {}
+        cache = FeatureCache()
         for i in range(x.shape[1]):
             cache.next_chunk()
-            out = self.decoder(x[:, i : i + 1], cache, histories, i == 0, band_rows)
+            out = self.decoder(x[:, i : i + 1], cache, first_chunk=i == 0)
             if p is not None and p > 1:
                 out = unpatchify(out, p)
             out = mx.clip(out, -1.0, 1.0)
-            mx.eval(out)
+            mx.eval(out, cache.arrays())
             yield out
 
-    def decode(self, z: mx.array, band_rows: int | None = None) -> mx.array:
+    def decode(self, z: mx.array) -> mx.array:
         """z (B, t, h, w, z_dim), unnormalized -> video (B, 1 + 4 (t - 1), 16 h, 16 w, 3) in [-1, 1]."""
-        return mx.concatenate(list(self.decode_chunks(z, band_rows)), axis=1)
+        return mx.concatenate(list(self.decode_chunks(z)), axis=1)
