@@ -50,6 +50,34 @@ def timed(fn, repeats=5) -> float:
     return round(sorted(times)[len(times) // 2] * 1000, 3)
 
 
+def peak_over_live(fn) -> float:
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    fn()
+    mx.synchronize()
+    return round((mx.get_peak_memory() - base) / GIB, 3)
+
+
+def block_memory(block, x, tproj, kv, rope) -> dict:
+    """Activation memory of one block for one sample (as the low-RAM preset runs it): the whole block as one graph,
+    against its three residual steps evaluated one at a time."""
+    steps = [mx.compile(step) for step in block.steps()]
+
+    def stepwise():
+        y = x
+        for step in steps:
+            y = step(y, tproj, kv, rope)
+            mx.eval(y)
+
+    whole = mx.compile(block)
+    for _ in range(2):  # warm-up
+        mx.eval(whole(x, tproj, kv, rope))
+        stepwise()
+    return {"batch1_whole_block_peak_gib": peak_over_live(lambda: mx.eval(whole(x, tproj, kv, rope))),
+            "batch1_stepwise_peak_gib": peak_over_live(stepwise)}
+
+
 def profile_block(dim, heads, ffn, grids, dtype) -> dict:
     block = WanTransformerBlock(dim, ffn, heads, cross_attn_norm=True, eps=1e-6)
     randomize(block, dtype)
@@ -81,6 +109,7 @@ def profile_block(dim, heads, ffn, grids, dtype) -> dict:
             "layer_norm_modulate_ms": timed(lambda: (block.norm1(flat.astype(mx.float32)) * 1.1 + 0.1).astype(dtype)),
         }
         row["tokens"] = tokens
+        row.update(block_memory(block, x[:1], tproj[:1], [a[:1] for a in kv], rope))
         report[name] = row
         print(name, json.dumps(row), flush=True)
         del x, tproj, kv, q, hidden, flat

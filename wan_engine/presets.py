@@ -26,7 +26,8 @@ class Preset:
     cache_limit_gib: float | None = None  # mx.set_cache_limit: how much freed memory MLX may keep for reuse
     clear_cache_between_stages: bool = True
     cfg_batch: bool = True  # the guidance pair as one batch of two (faster) or two passes (half the activations)
-    block_lookahead: bool = True  # queue the next transformer block while one runs (faster; two blocks' activations)
+    block_lookahead: bool = True  # queue the next transformer block while one runs (faster), or evaluate each
+    # residual step of a block on its own (least activation memory)
     compile: bool = True  # run the transformer's blocks as compiled graphs (same numbers, fewer kernels)
 
 

@@ -182,23 +182,36 @@ class WanTransformerBlock(nn.Module):
 
     def __call__(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         """x (B, G, N, dim): tokens grouped by timestep (G = 1, or one per frame); timestep_proj (B, G, 6, dim)."""
-        dtype = x.dtype
-        f32 = mx.float32
-        # The modulation is float32 in diffusers (scale_shift_table is kept in float32, temb is upcast).
-        modulation = self.scale_shift_table.astype(f32) + timestep_proj.astype(f32)
-        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mx.split(modulation, 6, axis=2)
+        for step in self.steps():
+            x = step(x, timestep_proj, kv, rope)
+        return x
 
-        # 1. Self-attention
-        norm_x = (self.norm1(x.astype(f32)) * (1 + scale_msa) + shift_msa).astype(dtype)
-        x = (x.astype(f32) + self.attn1(norm_x, rope=rope) * gate_msa).astype(dtype)
+    def steps(self) -> tuple:
+        """The block's three residual steps, each (x, timestep_proj, kv, rope) -> x; a low-memory run evaluates
+        after each one."""
+        return self.self_attention, self.cross_attention, self.feed_forward
 
-        # 2. Cross-attention (diffusers adds this residual in the compute dtype, not float32)
-        norm_x = self.norm2(x.astype(f32)).astype(dtype)
-        x = x + self.attn2(norm_x, kv=kv)
+    def modulation(self, timestep_proj: mx.array, first: int) -> list:
+        """Three of the six adaLN terms from `first` on: (shift, scale, gate) of self-attention (0) or of the
+        feed-forward (3). Float32 in diffusers (scale_shift_table is kept in float32, temb is upcast)."""
+        modulation = self.scale_shift_table.astype(mx.float32) + timestep_proj.astype(mx.float32)
+        # only the three terms used are split off: mx.compile fails on a split whose outputs are not all used
+        return mx.split(modulation[:, :, first:first + 3], 3, axis=2)
 
-        # 3. Feed-forward
-        norm_x = (self.norm3(x.astype(f32)) * (1 + c_scale_msa) + c_shift_msa).astype(dtype)
-        return (x.astype(f32) + self.ffn(norm_x).astype(f32) * c_gate_msa).astype(dtype)
+    def self_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
+        shift, scale, gate = self.modulation(timestep_proj, 0)
+        norm_x = (self.norm1(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
+        return (x.astype(mx.float32) + self.attn1(norm_x, rope=rope) * gate).astype(x.dtype)
+
+    def cross_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
+        # diffusers adds this residual in the compute dtype, not float32
+        norm_x = self.norm2(x.astype(mx.float32)).astype(x.dtype)
+        return x + self.attn2(norm_x, kv=kv)
+
+    def feed_forward(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
+        shift, scale, gate = self.modulation(timestep_proj, 3)
+        norm_x = (self.norm3(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
+        return (x.astype(mx.float32) + self.ffn(norm_x).astype(mx.float32) * gate).astype(x.dtype)
 
 
 class WanTransformer(nn.Module):
@@ -224,7 +237,9 @@ class WanTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, out_channels)
         self.scale_shift_table = mx.zeros((1, 2, dim))
         self._compiled_blocks = None  # set by compile()
-        self.block_lookahead = True  # see __call__
+        # True: blocks run one ahead (fastest, two blocks' activations); False: each residual step of a block is
+        # evaluated on its own (least memory). Set before compile().
+        self.block_lookahead = True
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -232,9 +247,13 @@ class WanTransformer(nn.Module):
         return self.patch_embedding.weight.dtype
 
     def compile(self) -> None:
-        """Run each block as an `mx.compile`d graph: its many float32 elementwise steps (modulation, norms, gates,
-        residuals) fuse into few kernels. The weights are captured as constants, so call this after loading."""
-        self._compiled_blocks = [mx.compile(block) for block in self.blocks]
+        """Run each block (or, without `block_lookahead`, each of its residual steps) as an `mx.compile`d graph: its
+        many float32 elementwise steps (modulation, norms, gates, residuals) fuse into few kernels. The weights are
+        captured as constants, so call this after loading."""
+        self._compiled_blocks = [[mx.compile(step) for step in self._block_steps(block)] for block in self.blocks]
+
+    def _block_steps(self, block: WanTransformerBlock) -> tuple:
+        return (block,) if self.block_lookahead else block.steps()
 
     def _token_grid(self, num_frames: int, height: int, width: int) -> tuple:
         p_t, p_h, p_w = self.config.patch_size
@@ -281,20 +300,21 @@ class WanTransformer(nn.Module):
         timestep_proj = timestep_proj.reshape(*timestep.shape, 6, -1)  # (B, G, 6, dim)
 
         x = x.reshape(batch, groups, -1, x.shape[-1])  # (B, G, tokens per group, dim)
+        # Evaluate piece by piece: a GPU backend keeps every intermediate buffer of the work it was given until that
+        # work completes, so one graph of all blocks would hold all their activations (16 GiB at 1280x704x17). With
+        # `block_lookahead` the next block is queued while one runs (two blocks' worth, no idle GPU); without, each
+        # residual step is evaluated on its own (the largest step's worth).
         pending = None
-        for block, kv in zip(self._compiled_blocks or self.blocks, context):
-            x = block(x, timestep_proj, kv, rope)
-            # Evaluate block by block: a GPU backend keeps every intermediate buffer of the work it was given until
-            # that work completes, so one graph of all blocks would hold all their activations (16 GiB at
-            # 1280x704x17). With `block_lookahead` the next block is queued while one runs (two blocks' worth of
-            # activations, no idle GPU); without, one block's worth.
+        for steps, kv in zip(self._compiled_blocks or [self._block_steps(block) for block in self.blocks], context):
+            for step in steps:
+                x = step(x, timestep_proj, kv, rope)
+                if not self.block_lookahead:
+                    mx.eval(x)
             if self.block_lookahead:
                 mx.async_eval(x)
                 if pending is not None:
                     mx.eval(pending)
                 pending = x
-            else:
-                mx.eval(x)
 
         # Output norm with the final float32 modulation, projection, unpatchify
         shift, scale = mx.split(self.scale_shift_table.astype(mx.float32) + temb[:, :, None], 2, axis=2)
