@@ -213,19 +213,19 @@ def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path) -
     return result
 
 
-def bench_our_decode(root: Path, case: dict, dtype: str, tile) -> dict:
+def bench_our_decode(root: Path, case: dict, dtype: str, tile, frame_by_frame: bool) -> dict:
     """The VAE decode alone (only the VAE loaded), as for diffusers."""
     snapshot = Snapshot.open(root)
     vae = snapshot.load_vae({"bfloat16": mx.bfloat16, "float32": mx.float32}[dtype])
     normalizer = LatentNormalizer(snapshot.vae_config)
     shape = (1, (case["frames"] - 1) // 4 + 1, case["height"] // 16, case["width"] // 16, 48)
     latents = mx.random.normal(shape, key=mx.random.key(0))
-    for _ in decode_frames(vae, normalizer, latents[:, :2], tile=tile):  # warm-up
+    for _ in decode_frames(vae, normalizer, latents[:, :2], tile=tile, frame_by_frame=frame_by_frame):  # warm-up
         pass
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    for _ in decode_frames(vae, normalizer, latents, tile=tile):
+    for _ in decode_frames(vae, normalizer, latents, tile=tile, frame_by_frame=frame_by_frame):
         pass
     result = {"decode_s": round(time.perf_counter() - start, 4), "decode_peak_gib": round(mx.get_peak_memory() / 2**30, 3)}
     del vae
@@ -278,11 +278,13 @@ def main():
                 entry[key] = {"skipped": "left out of this run (--skip)"}
                 continue
             log(f"{case['name']}: ours ({preset})")
-            tile = load_preset(preset).vae_tile
+            settings = load_preset(preset)
+            tile = settings.vae_tile
             tile = tile if tile and case["width"] * case["height"] >= tile.get("min_pixels", 0) else None
             entry[key] = guarded(lambda: {
                 **bench_ours(root, case, preset, dtype, out_dir),
-                **{f"vae_only_{k}": v for k, v in bench_our_decode(root, case, dtype, tile).items()},
+                **{f"vae_only_{k}": v
+                   for k, v in bench_our_decode(root, case, dtype, tile, settings.vae_frame_by_frame).items()},
             })
             log(json.dumps(entry[key]))
         if not args.skip_diffusers:

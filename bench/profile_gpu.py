@@ -142,22 +142,29 @@ def profile_kernels(dim, heads, ffn, grids, dtype) -> dict:
     return report
 
 
-def profile_vae(config: VAEConfig, latent_shape, dtype) -> dict:
-    """Decode latents of `latent_shape` (t, h, w): time, the MLX peak, and what stays allocated (weights)."""
+def profile_vae(config: VAEConfig, latent_shapes, dtype) -> dict:
+    """Decode latents of each shape (t, h, w): time, the MLX peak, and the weights (what stays allocated)."""
     vae = WanVAE(config)
     randomize(vae, dtype)
-    z = mx.random.normal((1, *latent_shape, config.z_dim)).astype(dtype)
-    mx.eval(z)
-    for _ in vae.decode_chunks(z[:, :2]):  # warm-up
-        pass
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    for _ in vae.decode_chunks(z):
-        pass
-    report = {"s": round(time.perf_counter() - start, 3), "peak_gib": round(mx.get_peak_memory() / GIB, 3),
-              "weights_gib": round(sum(v.nbytes for _, v in tree_flatten(vae.parameters())) / GIB, 3)}
-    print("vae decode", latent_shape, json.dumps(report), flush=True)
+    report = {"weights_gib": round(sum(v.nbytes for _, v in tree_flatten(vae.parameters())) / GIB, 3)}
+    for shape in latent_shapes:
+        z = mx.random.normal((1, *shape, config.z_dim)).astype(dtype)
+        mx.eval(z)
+        outputs = {}
+        for frame_by_frame in (False, True):
+            for _ in vae.decode_chunks(z[:, :2], frame_by_frame):  # warm-up
+                pass
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            start = time.perf_counter()
+            outputs[frame_by_frame] = mx.concatenate(list(vae.decode_chunks(z, frame_by_frame)), axis=1)
+            row = {"s": round(time.perf_counter() - start, 3), "peak_gib": round(mx.get_peak_memory() / GIB, 3)}
+            report[f"{shape} frame_by_frame={frame_by_frame}"] = row
+            print("vae decode", shape, f"frame_by_frame={frame_by_frame}", json.dumps(row), flush=True)
+        diff = mx.abs(outputs[True].astype(mx.float32) - outputs[False].astype(mx.float32)).max().item()
+        print("max difference", diff, flush=True)
+        del outputs
+        mx.clear_cache()
     return report
 
 
@@ -183,7 +190,7 @@ def main():
         config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
         if args.tiny:
             config.decoder_base_dim = 16
-        report["vae"] = profile_vae(config, (3, 4, 8) if args.tiny else (5, 44, 80), dtype)
+        report["vae"] = profile_vae(config, [(3, 4, 8)] if args.tiny else [(5, 44, 80), (31, 44, 80)], dtype)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
 

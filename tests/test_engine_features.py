@@ -196,3 +196,21 @@ def test_video_writer_encodes_chunk_by_chunk_and_leaves_nothing_when_aborted(tmp
     writer.add(chunks[1])
     writer.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+
+
+def test_a_preset_tiles_the_decode_only_above_its_size_and_says_so(snapshots, tmp_path):
+    """The low-RAM preset's rule: untiled (and exact) up to `min_pixels` per frame, tiled above, with the progress
+    counting tiles; decoding frame by frame changes nothing."""
+    preset = tmp_path / "tiles.json"
+    preset.write_text(json.dumps({"vae_tile": {"min_pixels": 96 * 64, "tile": 2, "overlap": 1},
+                                  "vae_frame_by_frame": True}))
+    engine = Engine(snapshots["small"], dtype="float32", preset=str(preset), output_dir=tmp_path)
+    plain = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path)
+    request = dict(prompt="a lantern", frames=5, steps=2, seed=3)
+    for width, tiled in ((64, False), (96, True)):
+        events, result = generate(engine, width=width, height=64, **request)
+        decode_messages = [e.message for e in events if e.stage == "decode"]
+        assert all(("tile" in m) == tiled for m in decode_messages), decode_messages
+        _, reference = generate(plain, width=width, height=64, **request)
+        difference = np.abs(result.frames - reference.frames).max()
+        assert (difference > 1e-4) if tiled else (difference < 1e-5)

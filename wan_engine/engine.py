@@ -325,7 +325,8 @@ class Engine:
         try:
             frames_float = []
             tile = self._vae_tile(request.width, request.height)
-            for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile):
+            for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile,
+                                                     self.preset.vae_frame_by_frame):
                 if frames is not None:
                     writer.add(frames_to_uint8(frames))
                     if request.keep_frames:

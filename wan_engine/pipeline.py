@@ -140,14 +140,15 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
         yield latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
 
 
-def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None, tile=None):
+def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None, tile=None,
+                  frame_by_frame: bool = False):
     """Decode latents to float32 frames in [0, 1] (diffusers' postprocessing), yielding (done, total, frames):
     untiled, one chunk per latent frame (the VAE's causal cache carried along), `frames` (T_i, H, W, 3);
     tiled (`tile` = {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at
-    the end (`frames` None before). Frames are MLX arrays."""
+    the end (`frames` None before). Frames are MLX arrays. `frame_by_frame`: see WanVAE.decode_chunks."""
 
     def chunks(z):
-        for chunk in vae.decode_chunks(z):
+        for chunk in vae.decode_chunks(z, frame_by_frame):
             if cancel is not None and cancel.cancelled:
                 raise Cancelled()
             yield mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32)

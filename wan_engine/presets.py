@@ -22,6 +22,7 @@ class Preset:
     release_text_encoder: bool = True  # after encoding; the prompt-embedding cache covers repeats
     release_transformer_before_decode: bool = False  # and the VAE while the text encoder or transformer works
     vae_tile: dict | None = None  # {"min_pixels": decode untiled below this many pixels per frame, "tile", "overlap"}
+    vae_frame_by_frame: bool = False  # the VAE's highest resolutions one frame at a time (same numbers, less memory)
     memory_limit_gib: float | None = None  # mx.set_memory_limit
     cache_limit_gib: float | None = None  # mx.set_cache_limit: how much freed memory MLX may keep for reuse
     clear_cache_between_stages: bool = True

