@@ -70,7 +70,8 @@ def test_text_to_video_streams_progress_and_ends_with_video_seed_and_settings(cl
     assert seed == 7
     assert {key: settings[key] for key in ("prompt", "width", "height", "frames", "steps", "seed")} == {
         "prompt": "a paper boat on a pond", "width": 96, "height": 64, "frames": 9, "steps": 2, "seed": 7}
-    assert "Done" in done
+    assert "Done" in done and "peak memory" in done
+    assert re.search(r"denoising [\d.]+ s \([\d.]+ s/step\) · decoding [\d.]+ s · saving [\d.]+ s", done), done
     # the history is the output folder: the video and its sidecar
     sidecar = json.loads(next(app_server.output_dir.glob("wan-*-7.json")).read_text())
     assert sidecar["settings"]["prompt"] == "a paper boat on a pond"

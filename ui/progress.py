@@ -22,7 +22,7 @@ def bar(step: int, total: int) -> str:
 
 def seconds(value: float) -> str:
     if value < 60:
-        return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+        return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s" if value >= 1 else f"{value:.2f} s"
     minutes, rest = divmod(round(value), 60)
     return f"{minutes} min {rest:02d} s"
 
@@ -47,10 +47,21 @@ def event_text(event) -> str:
     return " ".join(parts) + "".join(f" · {detail}" for detail in details)
 
 
+STAGE_TIMINGS = (("load_s", "loading"), ("text_s", "prompt"), ("image_s", "first frame"), ("denoise_s", "denoising"),
+                 ("decode_s", "decoding"), ("save_s", "saving"))
+
+
 def finished_text(result) -> str:
+    """'**Done** in 5.2 s · seed 7 · peak memory 21.47 GiB · saved as `...`' and, below, the time of each stage."""
+    timings = result.timings
+    stages = []
+    for key, label in STAGE_TIMINGS:
+        if key in timings:
+            per_step = f" ({timings['denoise_s_per_step']:.2f} s/step)" if key == "denoise_s" else ""
+            stages.append(f"{label} {seconds(timings[key])}{per_step}")
     return (
-        f"**Done** in {seconds(result.timings['total_s'])} · seed {result.seed} · "
-        f"peak memory {result.peak_memory_gib:.2f} GiB · saved as `{result.video_path.name}`"
+        f"**Done** in {seconds(timings['total_s'])} · seed {result.seed} · "
+        f"peak memory {result.peak_memory_gib:.2f} GiB · saved as `{result.video_path.name}`  \n" + " · ".join(stages)
     )
 
 
