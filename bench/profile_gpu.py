@@ -112,7 +112,6 @@ def profile_block(dim, heads, ffn, grids, dtype) -> dict:
         row.update(block_memory(block, x[:1], tproj[:1], [a[:1] for a in kv], rope))
         report[name] = row
         print(name, json.dumps(row), flush=True)
-        del x, tproj, kv, q, hidden, flat
         mx.clear_cache()
     return report
 
@@ -137,7 +136,6 @@ def profile_kernels(dim, heads, ffn, grids, dtype) -> dict:
         }
         report[name] = row
         print(name, json.dumps(row), flush=True)
-        del hidden, x, heads_view
         mx.clear_cache()
     return report
 
