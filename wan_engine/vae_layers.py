@@ -35,11 +35,13 @@ class FeatureCache:
         self.cursor = self.settled = 0
 
     def settle(self, x):
-        """Evaluate `x` (an array or a tuple of them) and the history written since the last call. Each cached history is a copy of a layer's
-        input; until it is evaluated that whole input stays alive, so without this a chunk would hold every
-        layer's input at once. And a GPU backend keeps every buffer of the work it was given until that work
-        completes: settling after each convolution of a residual block bounds the decoder's memory to a few
-        tensors (at 1280x704, 13.6 GiB settling per block, 11.8 per convolution, same speed)."""
+        """Evaluate `x` (an array or a tuple of them) and the history written since the last call.
+
+        Each cached history is a copy of a layer's input; until it is evaluated that whole input stays alive, so
+        without this a chunk would hold every layer's input at once. And a GPU backend keeps every buffer of the
+        work it was given until that work completes: settling after each convolution of a residual block bounds
+        the decoder's memory to a few tensors (decoding 17 frames at 1280x704 on an H100: 13.6 GiB settling once
+        per block, 10.8 twice, same speed)."""
         mx.eval(x, *[slot for slot in self.slots[self.settled:self.cursor] if slot is not None])
         self.settled = self.cursor
         return x
