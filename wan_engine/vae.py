@@ -82,30 +82,33 @@ class WanDecoder3d(nn.Module):
 
         self.norm_out = WanRMS_norm(dims[-1], images=False)
         self.conv_out = WanCausalConv3d(dims[-1], out_channels, 3, padding=1)
-        # the up blocks after the last temporal upsampling keep the number of frames
-        temporal = [i for i in range(last) if temperal_upsample[i]]
-        self.frame_by_frame_from = temporal[-1] + 1 if temporal else 0
+        # The frame-by-frame decode's stages (as up block indices): a new one begins after each temporal upsampling.
+        bounds = [0] + [i + 1 for i in range(last) if temperal_upsample[i]] + [len(self.up_blocks)]
+        self.stages = [range(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
 
-    def __call__(self, x: mx.array, cache: FeatureCache, frame_cache: FeatureCache | None, first_chunk: bool):
-        """Decode one chunk (one latent frame). With `frame_cache`, the layers after the last temporal upsampling
-        (the highest resolutions) take the chunk's frames one at a time, with their own cache cursor: they are
-        causal in time and see the same frames in the same order, so the numbers are the same, with a quarter of
-        a 4-frame chunk's activations alive at once."""
-        x = self.conv_in.cached(x, cache)
-        x = self.mid_block(x, cache)
-        split = self.frame_by_frame_from if frame_cache is not None else len(self.up_blocks)
-        for up_block in self.up_blocks[:split]:
-            x = up_block(x, cache, first_chunk)
-        if frame_cache is None:
-            return self.conv_out.cached(silu(self.norm_out(x)), cache)
-        frames = []
-        for t in range(x.shape[1]):
-            frame_cache.next_chunk()
-            y = x[:, t:t + 1]
-            for up_block in self.up_blocks[split:]:
-                y = up_block(y, frame_cache, first_chunk)
-            frames.append(frame_cache.settle(self.conv_out.cached(silu(self.norm_out(y)), frame_cache)))
-        return mx.concatenate(frames, axis=1)
+    def __call__(self, x: mx.array, caches: list, first_chunk: bool) -> mx.array:
+        """Decode one chunk (one latent frame). `caches`: one FeatureCache, and the chunk's frames go through the
+        layers together; or one per stage (`self.stages`), and after each temporal upsampling the next stage takes
+        the frames one at a time, with its own cache cursor. The layers are causal in time and see the same frames
+        in the same order, so the numbers are the same, with one frame of the highest resolutions alive at once."""
+        x = self.conv_in.cached(x, caches[0])
+        x = self.mid_block(x, caches[0])
+        return self._stage(x, self.stages if len(caches) > 1 else [range(len(self.up_blocks))], caches, first_chunk)
+
+    def _stage(self, x: mx.array, stages: list, caches: list, first_chunk: bool) -> mx.array:
+        cache = caches[0]
+        for i in stages[0]:
+            x = self.up_blocks[i](x, cache, first_chunk)
+        if len(stages) == 1:
+            return cache.settle(self.conv_out.cached(silu(self.norm_out(x)), cache))
+        # Each frame copied out on its own (a slice would share x's buffer), so a frame is freed once decoded.
+        pending = cache.settle([mx.take(x, mx.array([t]), axis=1) for t in range(x.shape[1])])
+        del x
+        decoded = []
+        while pending:
+            caches[1].next_chunk()
+            decoded.append(self._stage(pending.pop(0), stages[1:], caches[1:], first_chunk))
+        return mx.concatenate(decoded, axis=1)
 
 
 def patchify(x: mx.array, p: int) -> mx.array:
@@ -172,15 +175,16 @@ class WanVAE(nn.Module):
         """
         p = self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
-        cache = FeatureCache()
-        frame_cache = FeatureCache() if frame_by_frame else None
+        # In the frame-by-frame decode, the stages after the first settle after each operation (FeatureCache.op).
+        stages = len(self.decoder.stages) if frame_by_frame else 1
+        caches = [FeatureCache(each_op=stage > 0) for stage in range(stages)]
         for i in range(x.shape[1]):
-            cache.next_chunk()
-            out = self.decoder(x[:, i : i + 1], cache, frame_cache, first_chunk=i == 0)
+            caches[0].next_chunk()
+            out = self.decoder(x[:, i : i + 1], caches, first_chunk=i == 0)
             if p is not None and p > 1:
                 out = unpatchify(out, p)
             out = mx.clip(out, -1.0, 1.0)
-            mx.eval(out, cache.arrays(), frame_cache.arrays() if frame_cache else [])
+            mx.eval(out, [cache.arrays() for cache in caches])
             yield out
 
     def decode(self, z: mx.array, frame_by_frame: bool = False) -> mx.array:

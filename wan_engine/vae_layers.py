@@ -24,12 +24,16 @@ class FeatureCache:
 
     Each causal layer owns one slot. The layers visit their slots in the same order in every chunk, so a cursor that
     `next_chunk` rewinds finds them. A slot is None until its layer has seen the first chunk.
+
+    `each_op`: evaluate after every operation (see `op`), for the frame-by-frame decode, where the least memory
+    matters more than a few host syncs.
     """
 
-    def __init__(self):
+    def __init__(self, each_op: bool = False):
         self.slots = []
         self.cursor = 0
         self.settled = 0  # slots before this index are evaluated in the current chunk
+        self.each_op = each_op
 
     def next_chunk(self):
         self.cursor = self.settled = 0
@@ -46,11 +50,18 @@ class FeatureCache:
         self.settled = self.cursor
         return x
 
+    def op(self, x):
+        """`settle(x)` with `each_op`, else `x` as it is (lazy). Settling after each operation, a GPU holds only
+        the tensors still referenced, not every intermediate of a residual block until the block completes."""
+        return self.settle(x) if self.each_op else x
+
     def read(self):
-        """The current layer's slot; `write` must follow."""
+        """The current layer's slot, which is emptied (so that a history is freed as soon as it is used);
+        `write` must follow."""
         if self.cursor == len(self.slots):
             self.slots.append(None)
-        return self.slots[self.cursor]
+        value, self.slots[self.cursor] = self.slots[self.cursor], None
+        return value
 
     def write(self, value):
         self.slots[self.cursor] = value
@@ -82,20 +93,38 @@ class WanCausalConv3d(nn.Conv3d):
 
     def __call__(self, x: mx.array, history: mx.array = None) -> mx.array:
         """x: (B, T, H, W, C_in); history: up to `history_frames` frames that precede x (from the cache), or None."""
+        if history is None:
+            return self.convolve(x, known_frames=0)
+        return self.convolve(mx.concatenate([history, x], axis=1), known_frames=history.shape[1])
+
+    def convolve(self, x: mx.array, known_frames: int) -> mx.array:
+        """x begins with `known_frames` frames of history; the rest of the history is zeros."""
         pad_h, pad_w = self.spatial_padding
-        zeros_t = self.history_frames
-        if history is not None and zeros_t > 0:
-            x = mx.concatenate([history, x], axis=1)
-            zeros_t -= history.shape[1]
+        zeros_t = max(self.history_frames - known_frames, 0)
         # The conv pads (zeros before in time, zeros around in space) without copying x once more.
         y = mx.conv_general(x, self.weight, stride=self.stride, padding=([zeros_t, pad_h, pad_w], [0, pad_h, pad_w]))
         return y + self.bias
 
     def cached(self, x: mx.array, cache: FeatureCache) -> mx.array:
-        """Apply to one chunk: the history is what this layer kept from the previous chunks; keep this chunk's."""
+        """Apply to one chunk: the history is what this layer kept from the previous chunks; keep this chunk's.
+
+        The conv's input is the history followed by x, in one tensor, and its last frames become the next history.
+        Evaluated op by op (`cache.each_op`, the frame-by-frame decode), the history is first extended by x's frames
+        and x (still lazy) written into that tensor in place (nothing else holds it, so MLX reuses its buffer): the
+        old history is freed before x is computed, and the joined input right after the new history is copied out.
+        """
         history = cache.read()
-        cache.write(last_frames(history, x))
-        return self(x, history)
+        known_frames = 0
+        if history is not None:
+            known_frames = history.shape[1]
+            joined = cache.op(mx.pad(history, [(0, 0), (0, x.shape[1]), (0, 0), (0, 0), (0, 0)]))
+            del history
+            joined[:, known_frames:] = x
+            x = cache.op(joined)
+            del joined
+        y = cache.op(self.convolve(x, known_frames))
+        cache.write(cache.op(mx.contiguous(x[:, -CACHE_T:])))  # as last_frames(history, x)
+        return y
 
 
 class WanRMS_norm(nn.Module):
@@ -191,7 +220,7 @@ class WanResample(nn.Module):
         x = x.reshape(B * T, H, W, C)
         if self.mode.startswith("upsample"):
             upsample, conv = self.resample
-            x = conv(upsample(x))
+            x = conv(cache.op(upsample(x)))
         else:
             conv = self.resample[1]
             x = mx.conv_general(x, conv.weight, stride=2, padding=([0, 0], [1, 1])) + conv.bias
@@ -239,10 +268,12 @@ class WanResidualBlock(nn.Module):
         self.conv_shortcut = WanCausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
 
     def __call__(self, x: mx.array, cache: FeatureCache) -> mx.array:
-        h = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x, h = cache.settle((self.conv1.cached(silu(self.norm1(x)), cache), h))
-        x = self.conv2.cached(silu(self.norm2(x)), cache)  # dropout: 0 at inference
-        return cache.settle(x + h)
+        # Evaluated op by op (cache.each_op), the order decides what is alive at once: the shortcut comes after
+        # conv1 (the caller holds x anyway); a conv's input is passed lazily and unnamed (see cached).
+        y = self.conv1.cached(silu(self.norm1(x)), cache)
+        h = x if self.conv_shortcut is None else cache.op(self.conv_shortcut(x))
+        y, h = cache.settle((y, h))
+        return cache.settle(self.conv2.cached(silu(self.norm2(y)), cache) + h)  # dropout: 0 at inference
 
 
 class WanAttentionBlock(nn.Module):
@@ -307,13 +338,13 @@ class WanResidualUpBlock(nn.Module):
         self.upsampler = WanResample(out_dim, mode, upsample_out_dim=out_dim) if up_flag else None
 
     def __call__(self, x: mx.array, cache: FeatureCache, first_chunk: bool) -> mx.array:
-        block_input = x
+        block_input = x if self.avg_shortcut is not None else None
         for resnet in self.resnets:
             x = resnet(x, cache)
         if self.upsampler is not None:
-            x = self.upsampler(x, cache)
+            x = cache.op(self.upsampler(x, cache))
         if self.avg_shortcut is not None:
-            x = x + self.avg_shortcut(block_input, first_chunk)
+            x = x + cache.op(self.avg_shortcut(block_input, first_chunk))
         return cache.settle(x)
 
 
