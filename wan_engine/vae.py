@@ -175,9 +175,9 @@ class WanVAE(nn.Module):
         """
         p = self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
-        # In the frame-by-frame decode, the stages after the first settle after each operation (FeatureCache.op).
         stages = len(self.decoder.stages) if frame_by_frame else 1
-        caches = [FeatureCache(each_op=stage > 0) for stage in range(stages)]
+        # Frame by frame, the last stage (the highest resolutions, the largest tensors) is evaluated op by op.
+        caches = [FeatureCache(each_op=frame_by_frame and stage == stages - 1) for stage in range(stages)]
         for i in range(x.shape[1]):
             caches[0].next_chunk()
             out = self.decoder(x[:, i : i + 1], caches, first_chunk=i == 0)
@@ -185,6 +185,10 @@ class WanVAE(nn.Module):
                 out = unpatchify(out, p)
             out = mx.clip(out, -1.0, 1.0)
             mx.eval(out, [cache.arrays() for cache in caches])
+            if frame_by_frame:
+                # A GPU backend returns the buffers of finished work from a helper thread; after a chunk's
+                # hundreds of small evaluations, let it catch up so its backlog does not grow with the video.
+                mx.synchronize()
             yield out
 
     def decode(self, z: mx.array, frame_by_frame: bool = False) -> mx.array:

@@ -25,8 +25,8 @@ class FeatureCache:
     Each causal layer owns one slot. The layers visit their slots in the same order in every chunk, so a cursor that
     `next_chunk` rewinds finds them. A slot is None until its layer has seen the first chunk.
 
-    `each_op`: evaluate after every operation (see `op`), for the frame-by-frame decode, where the least memory
-    matters more than a few host syncs.
+    `each_op`: evaluate after every operation (see `op`), which the frame-by-frame decode asks for at its highest
+    resolutions, where the least memory matters more than a few host syncs.
     """
 
     def __init__(self, each_op: bool = False):
@@ -122,9 +122,9 @@ class WanCausalConv3d(nn.Conv3d):
             joined[:, known_frames:] = x
             x = cache.op(joined)
             del joined
-        y = cache.op(self.convolve(x, known_frames))
-        cache.write(cache.op(mx.contiguous(x[:, -CACHE_T:])))  # as last_frames(history, x)
-        return y
+        y = self.convolve(x, known_frames)
+        cache.write(mx.contiguous(x[:, -CACHE_T:]))  # as last_frames(history, x)
+        return cache.op(y)  # with the new history
 
 
 class WanRMS_norm(nn.Module):
@@ -342,7 +342,7 @@ class WanResidualUpBlock(nn.Module):
         for resnet in self.resnets:
             x = resnet(x, cache)
         if self.upsampler is not None:
-            x = cache.op(self.upsampler(x, cache))
+            x = cache.settle(self.upsampler(x, cache))  # before the shortcut: both are large
         if self.avg_shortcut is not None:
             x = x + cache.op(self.avg_shortcut(block_input, first_chunk))
         return cache.settle(x)
