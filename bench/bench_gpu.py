@@ -233,6 +233,21 @@ def bench_our_decode(root: Path, case: dict, dtype: str, tile, frame_by_frame: b
     return result
 
 
+def ratios(entry: dict) -> dict:
+    """Diffusers against ours, same run: speedups (diffusers time / ours) and our share of diffusers' decode peak,
+    for each preset (the low-RAM preset decodes frame by frame, the normal one in whole chunks)."""
+    d, result = entry.get("diffusers", {}), {}
+    for key, prefix in (("ours", ""), ("ours_low_ram", "low_ram_")):
+        o = entry.get(key, {})
+        if "denoise_s_per_step" not in d or "denoise_s_per_step" not in o:
+            continue
+        result[f"{prefix}denoise_speedup"] = round(d["denoise_s_per_step"] / o["denoise_s_per_step"], 3)
+        result[f"{prefix}decode_speedup"] = round(d["decode_s"] / o["vae_only_decode_s"], 3)
+        if d["decode_peak_gib"]:
+            result[f"{prefix}decode_peak_fraction"] = round(o["vae_only_decode_peak_gib"] / d["decode_peak_gib"], 3)
+    return result
+
+
 def guarded(measure) -> dict:
     """Run one measurement; a failure is recorded in the report instead of losing the whole run."""
     try:
@@ -290,14 +305,7 @@ def main():
             log(f"{case['name']}: diffusers")
             entry["diffusers"] = guarded(lambda: bench_diffusers(root, case, device, out_dir))
             log(json.dumps(entry["diffusers"]))
-        d, o = entry.get("diffusers", {}), entry["ours"]
-        if "denoise_s_per_step" in d and "denoise_s_per_step" in o:
-            entry["ratios"] = {
-                "denoise_speedup": round(d["denoise_s_per_step"] / o["denoise_s_per_step"], 3),
-                "decode_speedup": round(d["decode_s"] / o["vae_only_decode_s"], 3),
-                "decode_peak_fraction": round(o["vae_only_decode_peak_gib"] / d["decode_peak_gib"], 3)
-                if d["decode_peak_gib"] else None,
-            }
+        entry["ratios"] = ratios(entry)
         report["cases"].append(entry)
         out = Path(args.out or Path(__file__).parent / "results" / f"{report['date']}-{gpu.replace(' ', '-')}.json")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ all take part. diffusers works channels-first (B, C, T, H, W); the engine channe
 """
 
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -73,7 +74,8 @@ def case(request):
 
 @pytest.mark.parametrize("frame_by_frame", [False, True])
 def test_decode_matches_diffusers(case, frame_by_frame):
-    """Whole chunks as diffusers, or the highest resolutions one frame at a time: the same numbers."""
+    """Whole chunks as diffusers, or one frame at a time after each temporal upsampling (the last stage op by op):
+    the same numbers."""
     reference, model, config, batch, (t, h, w), _ = case
     z = torch.randn(batch, config["z_dim"], t, h, w)
     with torch.no_grad():
@@ -84,6 +86,12 @@ def test_decode_matches_diffusers(case, frame_by_frame):
     assert got.shape == (batch, 1 + 4 * (t - 1), h * scale, w * scale, 3) == expected.shape
     assert np.mean(np.abs(expected) < 1) > 0.6 and expected.std() > 0.2  # mostly unclamped, not degenerate
     assert np.abs(got - expected).max() < DECODE_ATOL
+
+
+def test_frame_by_frame_stages_follow_the_temporal_upsamplings():
+    """TI2V-5B's decoder doubles the frames in up blocks 0 and 1: the frame-by-frame decode's stages split there."""
+    config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
+    assert [list(stage) for stage in WanVAE(config).decoder.stages] == [[0], [1], [2, 3]]
 
 
 def test_decode_chunks(case):
