@@ -29,9 +29,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from wan_engine.demo import build_tokenizer  # noqa: E402
-from wan_engine.engine import Engine, GenerationRequest, Result  # noqa: E402
+from wan_engine.engine import Engine, GenerationRequest, Result, apply_memory_limits  # noqa: E402
 from wan_engine.loading import Snapshot  # noqa: E402
 from wan_engine.pipeline import LatentNormalizer, decode_frames  # noqa: E402
+from wan_engine.presets import load_preset  # noqa: E402
 from wan_engine.prompt_cache import PromptEmbeddingCache  # noqa: E402
 from wan_engine.video import to_uint8, write_video  # noqa: E402
 
@@ -212,8 +213,13 @@ def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path) -
     return result
 
 
-def bench_our_decode(root: Path, case: dict, dtype: str, tile, frame_by_frame: bool) -> dict:
-    """The VAE decode alone (only the VAE loaded), as for diffusers."""
+def bench_our_decode(root: Path, case: dict, dtype: str, preset) -> dict:
+    """The VAE decode alone (only the VAE loaded), as for diffusers, as the preset decodes: its tiling rule, frame by
+    frame or not, and its MLX allocator limits (the low-RAM preset keeps no freed buffers for reuse)."""
+    apply_memory_limits(preset)
+    tile = preset.vae_tile
+    tile = tile if tile and case["width"] * case["height"] >= tile.get("min_pixels", 0) else None
+    frame_by_frame = preset.vae_frame_by_frame
     snapshot = Snapshot.open(root)
     vae = snapshot.load_vae({"bfloat16": mx.bfloat16, "float32": mx.float32}[dtype])
     normalizer = LatentNormalizer(snapshot.vae_config)
@@ -279,8 +285,6 @@ def main():
     if not (root / "model_index.json").exists():
         build_snapshot(root, sizes, device)
     out_dir = Path(tempfile.mkdtemp(prefix="bench-videos-"))
-    from wan_engine.presets import load_preset
-
     report = {"device": gpu, "date": date.today().isoformat(), "mlx": mx.__version__, "torch": torch.__version__,
               "dtype": dtype, "cases": []}
     for case in sizes["cases"]:
@@ -292,13 +296,9 @@ def main():
                 entry[key] = {"skipped": "left out of this run (--skip)"}
                 continue
             log(f"{case['name']}: ours ({preset})")
-            settings = load_preset(preset)
-            tile = settings.vae_tile
-            tile = tile if tile and case["width"] * case["height"] >= tile.get("min_pixels", 0) else None
             entry[key] = guarded(lambda: {
                 **bench_ours(root, case, preset, dtype, out_dir),
-                **{f"vae_only_{k}": v
-                   for k, v in bench_our_decode(root, case, dtype, tile, settings.vae_frame_by_frame).items()},
+                **{f"vae_only_{k}": v for k, v in bench_our_decode(root, case, dtype, load_preset(preset)).items()},
             })
             log(json.dumps(entry[key]))
         if not args.skip_diffusers:

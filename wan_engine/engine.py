@@ -26,7 +26,7 @@ from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
     from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image,
 )
-from .presets import load_preset
+from .presets import Preset, load_preset
 from .preview import calibrate, latent_preview
 from .prompt_cache import PromptEmbeddingCache, encoder_identity
 from .scheduler import SAMPLERS, make_scheduler
@@ -123,6 +123,14 @@ def validate(request: GenerationRequest, size_multiple: int, frame_step: int) ->
         raise WanError(f"seed {request.seed} is not allowed: it must be between 0 and 2^63-1")
 
 
+def apply_memory_limits(preset: Preset) -> None:
+    """MLX's allocator limits of the preset (they hold for the whole process)."""
+    if preset.memory_limit_gib:
+        mx.set_memory_limit(int(preset.memory_limit_gib * 2**30))
+    if preset.cache_limit_gib is not None:
+        mx.set_cache_limit(int(preset.cache_limit_gib * 2**30))
+
+
 class Engine:
     """Create and use an engine on one thread: MLX streams belong to the thread that made them (MLX >= 0.31.2)."""
 
@@ -148,10 +156,7 @@ class Engine:
         self.text_identity = encoder_identity(self.root, dtype, self.preset.text_encoder_quantization)
         self.parts = {}  # name -> loaded module: tokenizer, text_encoder, transformer, vae
         self.preview_map = None  # latent -> RGB map, calibrated on the first run that asks for previews
-        if self.preset.memory_limit_gib:
-            mx.set_memory_limit(int(self.preset.memory_limit_gib * 2**30))
-        if self.preset.cache_limit_gib is not None:
-            mx.set_cache_limit(int(self.preset.cache_limit_gib * 2**30))
+        apply_memory_limits(self.preset)
 
     @property
     def notice(self) -> str | None:
