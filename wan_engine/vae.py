@@ -186,10 +186,6 @@ class WanVAE(nn.Module):
                 out = unpatchify(out, p)
             out = mx.clip(out, -1.0, 1.0)
             mx.eval(out, [cache.arrays() for cache in caches])
-            if frame_by_frame:
-                # A GPU backend returns the buffers of finished work from a helper thread; after a chunk's
-                # hundreds of small evaluations, let it catch up so its backlog does not grow with the video.
-                mx.synchronize()
             yield out
 
     def decode(self, z: mx.array, frame_by_frame: bool = False) -> mx.array:
