@@ -1,19 +1,21 @@
 """Where the time and memory go, part by part, at the real TI2V-5B sizes (random weights, no snapshot needed).
 
     python3 bench/profile_gpu.py              # on the GPU machine (bf16): both parts
-    python3 bench/profile_gpu.py --part vae   # or --part block
+    python3 bench/profile_gpu.py --part vae   # or --part block, --part vae-ledger
     python3 bench/profile_gpu.py --tiny       # a quick run of the same code on a CPU
 
 block: one transformer block's pieces (self-attention and its projections, cross-attention, feed-forward, norms and
 modulation) timed apart, for the CFG pair at 1280x704 with 17 and 121 frames.
 kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy.
-vae: VAE decode of 17 frames at 1280x704: time and MLX peak.
+vae: VAE decode of 17 and 121 frames at 1280x704, whole chunks and frame by frame: time and MLX peak.
+vae-ledger: where the frame-by-frame decode's peak happens (not part of "all").
 """
 
 import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,6 +29,7 @@ from wan_engine.config import VAEConfig  # noqa: E402
 from wan_engine.rope import apply_rope, rope_tables  # noqa: E402
 from wan_engine.transformer import WanTransformerBlock, gelu_tanh  # noqa: E402
 from wan_engine.vae import WanVAE  # noqa: E402
+from wan_engine.vae_layers import FeatureCache  # noqa: E402
 
 GIB = 2**30
 
@@ -172,9 +175,43 @@ def profile_vae(config: VAEConfig, latent_shapes, dtype) -> dict:
     return report
 
 
+def ledger_vae(config: VAEConfig, latent_shape, dtype, top: int = 12) -> dict:
+    """The frame-by-frame decode's largest evaluations: MLX's peak within each FeatureCache.settle, the memory in use
+    when it began, and the lines that asked for it. Nothing is synchronized for the measurement, so a GPU backend
+    that returns finished work's buffers late shows as it does in the app."""
+    vae = WanVAE(config)
+    randomize(vae, dtype)
+    z = mx.random.normal((1, *latent_shape, config.z_dim)).astype(dtype)
+    mx.eval(z)
+    records = []
+    settle = FeatureCache.settle
+
+    def recorded_settle(cache, x):
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        out = settle(cache, x)
+        where = " < ".join(f"{f.name}:{f.lineno}" for f in traceback.extract_stack(limit=6)[-2::-1])
+        records.append({"peak_gib": round(mx.get_peak_memory() / GIB, 3), "before_gib": round(before / GIB, 3),
+                        "where": where})
+        return out
+
+    for _ in vae.decode_chunks(z[:, :2], True):  # warm-up
+        pass
+    FeatureCache.settle = recorded_settle
+    try:
+        for _ in vae.decode_chunks(z, True):
+            pass
+    finally:
+        FeatureCache.settle = settle
+    largest = sorted(records, key=lambda r: -r["peak_gib"])[:top]
+    for row in largest:
+        print("vae ledger", json.dumps(row), flush=True)
+    return {"latent_shape": list(latent_shape), "evaluations": len(records), "largest": largest}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["block", "kernels", "vae", "all"], default="all")
+    parser.add_argument("--part", choices=["block", "kernels", "vae", "vae-ledger", "all"], default="all")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -190,11 +227,13 @@ def main():
             report["kernels"] = profile_kernels(64, 2, 128, {"121f": (31, 4, 8)}, dtype)
         else:
             report["kernels"] = profile_kernels(3072, 24, 14336, {"17f": (5, 22, 40), "121f": (31, 22, 40)}, dtype)
+    config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
+    if args.tiny:
+        config.decoder_base_dim = 16
     if args.part in ("vae", "all"):
-        config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
-        if args.tiny:
-            config.decoder_base_dim = 16
         report["vae"] = profile_vae(config, [(3, 4, 8)] if args.tiny else [(5, 44, 80), (31, 44, 80)], dtype)
+    if args.part == "vae-ledger":
+        report["vae_ledger"] = ledger_vae(config, (3, 4, 8) if args.tiny else (5, 44, 80), dtype)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
 
