@@ -214,23 +214,23 @@ def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path) -
 
 
 def bench_our_decode(root: Path, case: dict, dtype: str, preset) -> dict:
-    """The VAE decode alone (only the VAE loaded), as for diffusers, as the preset decodes: its tiling rule, frame by
-    frame or not, and its MLX allocator limits (the low-RAM preset keeps no freed buffers for reuse)."""
+    """The VAE decode alone (only the VAE loaded), as for diffusers, as the preset decodes: its tiling rule, strips,
+    frame by frame or not, and its MLX allocator limits (the low-RAM preset keeps no freed buffers for reuse)."""
     apply_memory_limits(preset)
     tile = preset.vae_tile
     tile = tile if tile and case["width"] * case["height"] >= tile.get("min_pixels", 0) else None
-    frame_by_frame = preset.vae_frame_by_frame
+    options = {"tile": tile, "frame_by_frame": preset.vae_frame_by_frame, "strip_width": preset.vae_strip_width}
     snapshot = Snapshot.open(root)
     vae = snapshot.load_vae({"bfloat16": mx.bfloat16, "float32": mx.float32}[dtype])
     normalizer = LatentNormalizer(snapshot.vae_config)
     shape = (1, (case["frames"] - 1) // 4 + 1, case["height"] // 16, case["width"] // 16, 48)
     latents = mx.random.normal(shape, key=mx.random.key(0))
-    for _ in decode_frames(vae, normalizer, latents[:, :2], tile=tile, frame_by_frame=frame_by_frame):  # warm-up
+    for _ in decode_frames(vae, normalizer, latents[:, :2], **options):  # warm-up
         pass
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    for _ in decode_frames(vae, normalizer, latents, tile=tile, frame_by_frame=frame_by_frame):
+    for _ in decode_frames(vae, normalizer, latents, **options):
         pass
     result = {"decode_s": round(time.perf_counter() - start, 4), "decode_peak_gib": round(mx.get_peak_memory() / 2**30, 3)}
     del vae
@@ -241,7 +241,7 @@ def bench_our_decode(root: Path, case: dict, dtype: str, preset) -> dict:
 
 def ratios(entry: dict) -> dict:
     """Diffusers against ours, same run: speedups (diffusers time / ours) and our share of diffusers' decode peak,
-    for each preset (the low-RAM preset decodes frame by frame, the normal one in whole chunks)."""
+    for each preset (the low-RAM preset decodes in two strips, the normal one whole frames)."""
     d, result = entry.get("diffusers", {}), {}
     for key, prefix in (("ours", ""), ("ours_low_ram", "low_ram_")):
         o = entry.get(key, {})

@@ -7,7 +7,7 @@
 block: one transformer block's pieces (self-attention and its projections, cross-attention, feed-forward, norms and
 modulation) timed apart, for the CFG pair at 1280x704 with 17 and 121 frames.
 kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy.
-vae: VAE decode of 17 and 121 frames at 1280x704, whole chunks and frame by frame: time and MLX peak.
+vae: VAE decode of 17 and 121 frames at 1280x704, whole chunks and frame by frame, whole frames and in strips:\ntime and MLX peak.
 vae-ledger: where the frame-by-frame decode's peak happens (not part of "all").
 """
 
@@ -144,33 +144,40 @@ def profile_kernels(dim, heads, ffn, grids, dtype) -> dict:
     return report
 
 
-def profile_vae(config: VAEConfig, latent_shapes, dtype) -> dict:
-    """Decode latents of each shape (t, h, w), whole chunks and frame by frame: time and MLX peak with each decoded
-    chunk dropped (as the app streams it to the video writer), and the largest difference between the two modes
-    (from a third run per mode that copies the chunks to the host, outside MLX's memory)."""
+def profile_vae(config: VAEConfig, latent_shapes, dtype, modes, repeats: int = 2) -> dict:
+    """Decode latents of each shape (t, h, w) in each mode (frame_by_frame, strip_width): time and MLX peak of each
+    of `repeats` decodes, with each decoded chunk dropped (as the app streams it to the video writer), and the
+    largest difference against the first mode (from one more run per mode that copies the chunks to the host,
+    outside MLX's memory)."""
     vae = WanVAE(config)
     randomize(vae, dtype)
     report = {"weights_gib": round(sum(v.nbytes for _, v in tree_flatten(vae.parameters())) / GIB, 3)}
     for shape in latent_shapes:
         z = mx.random.normal((1, *shape, config.z_dim)).astype(dtype)
         mx.eval(z)
-        outputs = {}
-        for frame_by_frame in (False, True):
-            for _ in vae.decode_chunks(z[:, :2], frame_by_frame):  # warm-up
+        first = None
+        for frame_by_frame, strip_width in modes:
+            for _ in vae.decode_chunks(z[:, :2], frame_by_frame, strip_width):  # warm-up
                 pass
-            mx.clear_cache()
-            mx.reset_peak_memory()
-            start = time.perf_counter()
-            for _ in vae.decode_chunks(z, frame_by_frame):
-                pass
-            row = {"s": round(time.perf_counter() - start, 3), "peak_gib": round(mx.get_peak_memory() / GIB, 3)}
-            report[f"{shape} frame_by_frame={frame_by_frame}"] = row
-            print("vae decode", shape, f"frame_by_frame={frame_by_frame}", json.dumps(row), flush=True)
-            outputs[frame_by_frame] = [np.array(chunk.astype(mx.float32)) for chunk in vae.decode_chunks(z, frame_by_frame)]
-        diff = max(float(np.abs(a - b).max()) for a, b in zip(outputs[False], outputs[True]))
-        report[f"{shape} max_difference"] = diff
-        print("max difference", diff, flush=True)
-        del outputs
+            row = {"s": [], "peak_gib": []}
+            for _ in range(repeats):
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                start = time.perf_counter()
+                for _ in vae.decode_chunks(z, frame_by_frame, strip_width):
+                    pass
+                row["s"].append(round(time.perf_counter() - start, 3))
+                row["peak_gib"].append(round(mx.get_peak_memory() / GIB, 3))
+            chunks = vae.decode_chunks(z, frame_by_frame, strip_width)
+            output = np.concatenate([np.array(c.astype(mx.float32)) for _, _, c in chunks if c is not None], axis=1)
+            if first is None:
+                first = output
+            row["max_difference"] = float(np.abs(output - first).max())
+            name = f"{shape} frame_by_frame={frame_by_frame} strip_width={strip_width}"
+            report[name] = row
+            print("vae decode", name, json.dumps(row), flush=True)
+            del output
+        del first
         mx.clear_cache()
     return report
 
@@ -214,6 +221,10 @@ def main():
     parser.add_argument("--part", choices=["block", "kernels", "vae", "vae-ledger", "all"], default="all")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--strip-widths", nargs="*", default=["40", "27"],
+                        help="VAE decode: strip widths (latent pixels) to try beside the unstriped decode, with whole chunks (and the first "
+                             "frame by frame)")
+    parser.add_argument("--cache-limit-gib", type=float, default=None, help="mx.set_cache_limit for the run")
     args = parser.parse_args()
     dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
     report = {"device": str(mx.default_device()), "mlx": mx.__version__}
@@ -230,8 +241,12 @@ def main():
     config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
     if args.tiny:
         config.decoder_base_dim = 16
+    if args.cache_limit_gib is not None:
+        mx.set_cache_limit(int(args.cache_limit_gib * GIB))
     if args.part in ("vae", "all"):
-        report["vae"] = profile_vae(config, [(3, 4, 8)] if args.tiny else [(5, 44, 80), (31, 44, 80)], dtype)
+        widths = [int(w) for w in args.strip_widths]
+        modes = [(False, None), (True, None)] + [(False, w) for w in widths] + [(True, w) for w in widths[:1]]
+        report["vae"] = profile_vae(config, [(3, 4, 8)] if args.tiny else [(5, 44, 80), (31, 44, 80)], dtype, modes)
     if args.part == "vae-ledger":
         report["vae_ledger"] = ledger_vae(config, (3, 4, 8) if args.tiny else (5, 44, 80), dtype)
     if args.out:

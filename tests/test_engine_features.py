@@ -15,6 +15,7 @@ from wan_engine.loading import Snapshot
 from wan_engine.pipeline import LatentNormalizer, decode_frames, frames_to_uint8
 from wan_engine.presets import available_presets, load_preset
 from wan_engine.prompt_cache import PromptEmbeddingCache
+from wan_engine.vae import WanVAE, strip_layout
 from wan_engine.video import VideoWriter, read_metadata, read_video, to_uint8
 
 SMALL = dict(width=64, height=64, frames=5, steps=2, seed=5)
@@ -196,6 +197,25 @@ def test_video_writer_encodes_chunk_by_chunk_and_leaves_nothing_when_aborted(tmp
     writer.add(chunks[1])
     writer.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+
+
+def test_a_preset_decodes_in_strips_with_the_same_numbers_and_says_so(snapshots, tmp_path):
+    """The low-RAM preset's strips: the progress counts strips of latent frames, and the frames are those of a
+    whole-frame decode (float32 round-off; they are exact to diffusers, tests/test_vae.py)."""
+    preset = tmp_path / "strips.json"
+    preset.write_text(json.dumps({"vae_strip_width": 6}))
+    engine = Engine(snapshots["small"], dtype="float32", preset=str(preset), output_dir=tmp_path)
+    plain = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path)
+    request = dict(prompt="a lantern", width=384, height=32, frames=5, steps=2, seed=3)
+    margin = WanVAE(Snapshot.open(snapshots["small"]).vae_config).decoder.strip_margin
+    assert {(low > 0, high < 24) for _, _, low, high in strip_layout(24, 6, margin)} >= {(True, False), (False, True)}
+    events, result = generate(engine, **request)
+    decode_messages = [e.message for e in events if e.stage == "decode"]
+    assert decode_messages[0] == "decoded strip 1/4, latent frame 1/2", decode_messages
+    assert decode_messages[-1] == "decoded strip 4/4, latent frame 2/2", decode_messages
+    _, reference = generate(plain, **request)
+    assert result.frames.shape == reference.frames.shape
+    assert np.abs(result.frames - reference.frames).max() < 1e-5
 
 
 def test_a_preset_tiles_the_decode_only_above_its_size_and_says_so(snapshots, tmp_path):

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from wan_engine.config import VAEConfig
-from wan_engine.vae import WanVAE
+from wan_engine.vae import WanVAE, strip_layout
 from wan_engine.weights import load_into
 
 
@@ -88,19 +88,68 @@ def test_decode_matches_diffusers(case, frame_by_frame):
     assert np.abs(got - expected).max() < DECODE_ATOL
 
 
-def test_frame_by_frame_stages_follow_the_temporal_upsamplings():
-    """TI2V-5B's decoder doubles the frames in up blocks 0 and 1: the frame-by-frame decode's stages split there."""
+@pytest.mark.parametrize("frame_by_frame", [False, True])
+def test_strips_decode_the_same_numbers_as_diffusers(case, frame_by_frame):
+    """The strip decode on a wide latent: strips of 5, 9 and 13 latent columns, whose margins reach past the frame's
+    edge on one side or both or neither, give diffusers' numbers (the margin is the least that does: see
+    test_strip_margin_is_what_the_decoder_sees)."""
+    reference, model, config, _, _, _ = case
+    z = torch.randn(1, config["z_dim"], 2, 2, 40)
+    with torch.no_grad():
+        expected = channels_last(reference.decode(z).sample)
+    z = mx.array(channels_last(z))
+    margin = model.decoder.strip_margin
+    for strip_width in (5, 9, 13):
+        layout = strip_layout(40, strip_width, margin)
+        assert {(low > 0, high < 40) for _, _, low, high in layout} >= {(False, True), (True, False)}
+        got = np.array(model.decode(z, frame_by_frame, strip_width))
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() < DECODE_ATOL, strip_width
+
+
+def test_strip_margin_is_what_the_decoder_sees(case):
+    """With one latent column less of margin, the layers' trimming eats into a strip's own columns: the video comes
+    out narrower (so the margin cannot be smaller, and the strip test above would see it)."""
+    _, model, config, _, _, _ = case
+    z = mx.random.normal((1, 2, 2, 40, config["z_dim"]), key=mx.random.key(2))
+    whole = model.decode(z)
+    assert np.abs(np.array(model.decode(z, strip_width=8)) - np.array(whole)).max() < DECODE_ATOL
+    model.decoder.strip_margin -= 1
+    try:
+        assert model.decode(z, strip_width=8).shape[3] < whole.shape[3]
+    finally:
+        model.decoder.strip_margin += 1
+
+
+def test_ti2v_decoder_stages_and_strip_margin():
+    """TI2V-5B's decoder doubles the frames in up blocks 0 and 1: the frame-by-frame decode's stages split there.
+    Its up blocks and head see 13 latent columns beyond a strip's edge (12.25 rounded up at each upsampling), so
+    1280x704 (80 columns) decodes as two strips of 40 (+13) with the low-RAM preset."""
     config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
-    assert [list(stage) for stage in WanVAE(config).decoder.stages] == [[0], [1], [2, 3]]
+    decoder = WanVAE(config).decoder
+    assert [list(stage) for stage in decoder.stages] == [[0], [1], [2, 3]]
+    assert decoder.strip_margin == 13
+    assert strip_layout(80, 40, 13) == [(0, 40, 0, 53), (40, 80, 27, 80)]
+    assert strip_layout(80, None, 13) == [(0, 80, 0, 80)]
+    assert strip_layout(52, 40, 13) == [(0, 26, 0, 39), (26, 52, 13, 52)]
 
 
 def test_decode_chunks(case):
+    """One chunk per latent frame; with strips, an item per strip and latent frame, the chunks during the last."""
     reference, model, config, batch, (t, h, w), _ = case
     z = mx.array(np.random.default_rng(1).standard_normal((batch, t, h, w, config["z_dim"]), dtype=np.float32))
-    chunks = list(model.decode_chunks(z))
+    items = list(model.decode_chunks(z))
+    assert [(done, total) for done, total, _ in items] == [(i, t) for i in range(1, t + 1)]
+    chunks = [chunk for _, _, chunk in items]
     assert [c.shape[1] for c in chunks] == [1] + [4] * (t - 1)
     # A second call starts from a fresh cache: same result.
     assert np.array_equal(np.array(mx.concatenate(chunks, axis=1)), np.array(model.decode(z)))
+
+    items = list(model.decode_chunks(z, strip_width=1))  # w strips
+    assert [(done, total) for done, total, _ in items] == [(i, w * t) for i in range(1, w * t + 1)]
+    assert all(chunk is None for _, _, chunk in items[: (w - 1) * t])
+    strips = mx.concatenate([chunk for _, _, chunk in items[(w - 1) * t :]], axis=1)
+    assert np.abs(np.array(strips) - np.array(mx.concatenate(chunks, axis=1))).max() < DECODE_ATOL
 
 
 def test_encode_matches_diffusers(case):

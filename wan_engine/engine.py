@@ -46,6 +46,17 @@ def gib(value: int) -> float:
     return round(value / 2**30, 3)
 
 
+def decode_message(done: int, total: int, tiled: bool, latent_frames: int) -> str:
+    """Progress of the decode: tiles, latent frames, or strips of latent frames (WanVAE.decode_chunks)."""
+    if tiled:
+        return f"decoded tile {done}/{total}"
+    strips = total // latent_frames
+    if strips == 1:
+        return f"decoded latent frame {done}/{total}"
+    strip, frame = divmod(done - 1, latent_frames)
+    return f"decoded strip {strip + 1}/{strips}, latent frame {frame + 1}/{latent_frames}"
+
+
 class CancelToken:
     """Set from any thread; the running generation checks it every step and between decoded chunks."""
 
@@ -331,14 +342,13 @@ class Engine:
             frames_float = []
             tile = self._vae_tile(request.width, request.height)
             for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile,
-                                                     self.preset.vae_frame_by_frame):
+                                                     preset.vae_frame_by_frame, preset.vae_strip_width):
                 if frames is not None:
                     writer.add(frames_to_uint8(frames))
                     if request.keep_frames:
                         frames_float.append(np.array(frames))
-                what = "tile" if tile else "latent frame"
-                yield ProgressEvent("decode", f"decoded {what} {done}/{total}", done, total,
-                                    memory_gib=gib(mx.get_active_memory()))
+                yield ProgressEvent("decode", decode_message(done, total, tile is not None, latents.shape[1]), done,
+                                    total, memory_gib=gib(mx.get_active_memory()))
             lap("decode_s", start)
             del latents
             self._end_stage(cancel)

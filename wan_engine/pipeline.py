@@ -141,25 +141,25 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
 
 
 def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None, tile=None,
-                  frame_by_frame: bool = False):
+                  frame_by_frame: bool = False, strip_width: int | None = None):
     """Decode latents to float32 frames in [0, 1] (diffusers' postprocessing), yielding (done, total, frames):
-    untiled, one chunk per latent frame (the VAE's causal cache carried along), `frames` (T_i, H, W, 3);
-    tiled (`tile` = {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at
-    the end (`frames` None before). Frames are MLX arrays. `frame_by_frame`: see WanVAE.decode_chunks."""
+    untiled, as WanVAE.decode_chunks (one chunk per latent frame, the VAE's causal cache carried along; strips x
+    latent frames with `strip_width`), `frames` (T_i, H, W, 3) or None while earlier strips decode; tiled (`tile` =
+    {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at the end (`frames`
+    None before). Frames are MLX arrays. `frame_by_frame`, `strip_width`: see WanVAE.decode_chunks."""
 
     def chunks(z):
-        for chunk in vae.decode_chunks(z, frame_by_frame):
+        for done, total, chunk in vae.decode_chunks(z, frame_by_frame, strip_width):
             if cancel is not None and cancel.cancelled:
                 raise Cancelled()
-            yield mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32)
+            yield done, total, None if chunk is None else mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32)
 
     z = normalizer.denormalize(latents.astype(vae.dtype))
     if tile is None:
-        for i, frames in enumerate(chunks(z), start=1):
-            yield i, z.shape[1], frames
+        yield from chunks(z)
         return
-    tiles = decode_tiled(lambda z: map(np.array, chunks(z)), z, vae.config.scale_factor_spatial, tile["tile"],
-                         tile["overlap"])
+    tiles = decode_tiled(lambda z: (np.array(frames) for _, _, frames in chunks(z) if frames is not None), z,
+                         vae.config.scale_factor_spatial, tile["tile"], tile["overlap"])
     for done, total, video in tiles:
         yield done, total, None if video is None else mx.array(video)
 

@@ -85,14 +85,24 @@ class WanDecoder3d(nn.Module):
         # The frame-by-frame decode's stages (as up block indices): a new one begins after each temporal upsampling.
         bounds = [0] + [i + 1 for i in range(last) if temperal_upsample[i]] + [len(self.up_blocks)]
         self.stages = [range(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+        # The strip decode (WanVAE.decode_chunks): the up blocks and the head upsample `scale` times in space and
+        # see `strip_margin` latent pixels beyond each edge of what they decode.
+        self.scale = 2**last
+        self.strip_margin = self.conv_out.spatial_padding[1]
+        for block in reversed(self.up_blocks):
+            self.strip_margin = block.input_margin(self.strip_margin)
+
+    def mid(self, x: mx.array, cache: FeatureCache) -> mx.array:
+        """The input conv and the mid block, on one chunk (one latent frame) of whole frames: the mid block's
+        attention sees all of a frame."""
+        return self.mid_block(self.conv_in.cached(x, cache), cache)
 
     def __call__(self, x: mx.array, caches: list, first_chunk: bool) -> mx.array:
-        """Decode one chunk (one latent frame). `caches`: one FeatureCache, and the chunk's frames go through the
-        layers together; or one per stage (`self.stages`), and after each temporal upsampling the next stage takes
-        the frames one at a time, with its own cache cursor. The layers are causal in time and see the same frames
-        in the same order, so the numbers are the same, with one frame of the highest resolutions alive at once."""
-        x = self.conv_in.cached(x, caches[0])
-        x = self.mid_block(x, caches[0])
+        """The up blocks and the head on one chunk of `mid`'s output, or a strip of it. `caches`: one FeatureCache,
+        and the chunk's frames go through the layers together; or one per stage (`self.stages`), and after each
+        temporal upsampling the next stage takes the frames one at a time, with its own cache cursor. The layers
+        are causal in time and see the same frames in the same order, so the numbers are the same, with one frame
+        of the highest resolutions alive at once."""
         return self._stage(x, self.stages if len(caches) > 1 else [range(len(self.up_blocks))], caches, first_chunk)
 
     def _stage(self, x: mx.array, stages: list, caches: list, first_chunk: bool) -> mx.array:
@@ -165,29 +175,70 @@ class WanVAE(nn.Module):
             mx.eval(means[-1], cache.arrays())
         return mx.concatenate(means, axis=1)
 
-    def decode_chunks(self, z: mx.array, frame_by_frame: bool = False) -> Iterator[mx.array]:
-        """z (B, t, h, w, z_dim), unnormalized -> one decoded chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1].
+    def decode_chunks(self, z: mx.array, frame_by_frame: bool = False,
+                      strip_width: int | None = None) -> Iterator[tuple[int, int, mx.array | None]]:
+        """z (B, t, h, w, z_dim), unnormalized -> the video, one chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1]
+        (T_0 = 1 and T_i = 4 after it for Wan's VAEs: 1 + 4 (t - 1) frames in all). Yields (done, total, chunk)
+        after each piece of work, `chunk` None until one is complete; each is evaluated, so between items the
+        caller may report progress or stop.
 
-        T_0 = 1 and T_i = 4 after it for Wan's VAEs (1 + 4 (t - 1) frames in all). Each chunk is evaluated before it
-        is yielded; between chunks the caller may report progress or stop. `frame_by_frame`: after each temporal
-        upsampling the frames go on one at a time (WanDecoder3d), the last stage op by op: the same numbers with
-        less memory (at 1280x704, 17 frames, on an H100: 5.5 GiB and 0.88 s against 8.7 GiB and 0.64 s; diffusers
-        takes 11.4 GiB and 0.89 s).
+        `strip_width` (latent pixels): the up blocks and the head, which hold nearly all of the memory (their
+        causal caches and activations grow with the frame's area), decode the video in vertical strips one after
+        another, each through all frames with its own caches. A strip takes as many more columns of the mid block's
+        output on each side with a neighbour as the layers after it see (`decoder.strip_margin`, 13 for TI2V-5B);
+        the layers trim what their convs spoil there (FeatureCache.inner), and it keeps its own columns: the
+        numbers are those of the whole frame. The input conv and the mid block, whose attention sees whole frames,
+        run on whole frames for each strip again (at the latent resolution: cheap). `total` counts strips x latent
+        frames, and chunks come while the last strip decodes.
+
+        `frame_by_frame`: after each temporal upsampling the frames go on one at a time (WanDecoder3d), the last
+        stage op by op: the same numbers with less memory.
         """
-        p = self.config.patch_size
+        decoder, p = self.decoder, self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
-        stages = len(self.decoder.stages) if frame_by_frame else 1
-        # Frame by frame, the last stage (the highest resolutions, the largest tensors) is evaluated op by op.
-        caches = [FeatureCache(each_op=frame_by_frame and stage == stages - 1) for stage in range(stages)]
-        for i in range(x.shape[1]):
-            caches[0].next_chunk()
-            out = self.decoder(x[:, i : i + 1], caches, first_chunk=i == 0)
-            if p is not None and p > 1:
-                out = unpatchify(out, p)
-            out = mx.clip(out, -1.0, 1.0)
-            mx.eval(out, [cache.arrays() for cache in caches])
-            yield out
+        width = x.shape[3]
+        strips = strip_layout(width, strip_width, decoder.strip_margin)
+        stages = len(decoder.stages) if frame_by_frame else 1
+        done, total = 0, len(strips) * x.shape[1]
+        columns = [[] for _ in range(x.shape[1])]  # per latent frame, its strips decoded so far
+        for s, (start, end, low, high) in enumerate(strips):
+            inner = (low > 0, high < width)
+            mid_cache = FeatureCache()
+            # Frame by frame, the last stage (the highest resolutions, the largest tensors) is evaluated op by op.
+            caches = [FeatureCache(frame_by_frame and stage == stages - 1, inner) for stage in range(stages)]
+            for i in range(x.shape[1]):
+                mid_cache.next_chunk()
+                caches[0].next_chunk()
+                mid = decoder.mid(x[:, i : i + 1], mid_cache)
+                out = decoder(mid[:, :, :, low:high], caches, first_chunk=i == 0)
+                del mid
+                # The strip's own columns: the convs spoiled (and the layers trimmed) `shrink` at each inner side.
+                shrink = (decoder.scale * (high - low) - out.shape[3]) // max(sum(inner), 1)
+                left = decoder.scale * (start - low) - shrink * inner[0]
+                columns[i].append(out[:, :, :, left : left + decoder.scale * (end - start)])
+                mx.eval(columns[i][-1], mid_cache.arrays(), [cache.arrays() for cache in caches])
+                done += 1
+                if s < len(strips) - 1:
+                    yield done, total, None
+                    continue
+                out = mx.concatenate(columns[i], axis=3) if len(strips) > 1 else columns[i][0]
+                columns[i] = None
+                if p is not None and p > 1:
+                    out = unpatchify(out, p)
+                out = mx.clip(out, -1.0, 1.0)
+                mx.eval(out)
+                yield done, total, out
 
-    def decode(self, z: mx.array, frame_by_frame: bool = False) -> mx.array:
+    def decode(self, z: mx.array, frame_by_frame: bool = False, strip_width: int | None = None) -> mx.array:
         """z (B, t, h, w, z_dim), unnormalized -> video (B, 1 + 4 (t - 1), 16 h, 16 w, 3) in [-1, 1]."""
-        return mx.concatenate(list(self.decode_chunks(z, frame_by_frame)), axis=1)
+        chunks = self.decode_chunks(z, frame_by_frame, strip_width)
+        return mx.concatenate([chunk for _, _, chunk in chunks if chunk is not None], axis=1)
+
+
+def strip_layout(width: int, strip_width: int | None, margin: int) -> list[tuple[int, int, int, int]]:
+    """Vertical strips of at most `strip_width` columns, as even as can be, covering `width` latent columns:
+    (start, end) of each strip's own columns and (low, high) of those it decodes, `margin` more on each side
+    within the frame."""
+    count = 1 if not strip_width else -(-width // strip_width)
+    bounds = [round(i * width / count) for i in range(count + 1)]
+    return [(a, b, max(a - margin, 0), min(b + margin, width)) for a, b in zip(bounds[:-1], bounds[1:])]

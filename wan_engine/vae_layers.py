@@ -27,13 +27,18 @@ class FeatureCache:
 
     `each_op`: evaluate after every operation (see `op`), which the frame-by-frame decode asks for at its highest
     resolutions, where the least memory matters more than a few host syncs.
+
+    `inner`: (left, right), whether the region being decoded goes on into a neighbouring strip on that side (the
+    strip decode, vae.py). There the input holds the neighbour's pixels as a margin, and each 3x3 conv, padding
+    zeros where those pixels would be, spoils one more column of it: the layers `trim` them.
     """
 
-    def __init__(self, each_op: bool = False):
+    def __init__(self, each_op: bool = False, inner: tuple[bool, bool] = (False, False)):
         self.slots = []
         self.cursor = 0
         self.settled = 0  # slots before this index are evaluated in the current chunk
         self.each_op = each_op
+        self.inner = inner
 
     def next_chunk(self):
         self.cursor = self.settled = 0
@@ -54,6 +59,18 @@ class FeatureCache:
         """`settle(x)` with `each_op`, else `x` as it is (lazy). Settling after each operation, a GPU holds only
         the tensors still referenced, not every intermediate of a residual block until the block completes."""
         return self.settle(x) if self.each_op else x
+
+    def trim(self, x: mx.array, columns: int) -> mx.array:
+        """x (B, T, H, W, C) without `columns` columns at each inner side (a view)."""
+        left, right = self.inner
+        if not (left or right):
+            return x
+        return x[:, :, :, columns * left : x.shape[3] - columns * right]
+
+    def crop_like(self, x: mx.array, reference: mx.array) -> mx.array:
+        """x trimmed to `reference`'s width: a skip path, which lost nothing at the inner sides, beside its convs'."""
+        excess = x.shape[3] - reference.shape[3]
+        return self.trim(x, excess // sum(self.inner)) if excess else x
 
     def read(self):
         """The current layer's slot, which is emptied (so that a history is freed as soon as it is used);
@@ -225,6 +242,8 @@ class WanResample(nn.Module):
             conv = self.resample[1]
             x = mx.conv_general(x, conv.weight, stride=2, padding=([0, 0], [1, 1])) + conv.bias
         x = x.reshape(B, T, *x.shape[1:])
+        if self.mode.startswith("upsample"):
+            x = cache.trim(x, 1)  # the conv's spoiled column
 
         if self.mode == "downsample3d":
             x = self._downsample_time(x, cache)
@@ -273,7 +292,8 @@ class WanResidualBlock(nn.Module):
         y = self.conv1.cached(silu(self.norm1(x)), cache)
         h = x if self.conv_shortcut is None else cache.op(self.conv_shortcut(x))
         y, h = cache.settle((y, h))
-        return cache.settle(self.conv2.cached(silu(self.norm2(y)), cache) + h)  # dropout: 0 at inference
+        y = cache.trim(self.conv2.cached(silu(self.norm2(y)), cache), 2)  # one spoiled column per conv
+        return cache.settle(y + cache.crop_like(h, y))  # dropout: 0 at inference
 
 
 class WanAttentionBlock(nn.Module):
@@ -344,8 +364,11 @@ class WanResidualUpBlock(nn.Module):
         if self.upsampler is not None:
             x = cache.settle(self.upsampler(x, cache))  # before the shortcut: both are large
         if self.avg_shortcut is not None:
-            x = x + cache.op(self.avg_shortcut(block_input, first_chunk))
+            x = x + cache.op(cache.crop_like(self.avg_shortcut(block_input, first_chunk), x))
         return cache.settle(x)
+
+    def input_margin(self, margin: int) -> int:
+        return up_block_input_margin(margin, len(self.resnets), self.upsampler)
 
 
 class WanUpBlock(nn.Module):
@@ -362,3 +385,15 @@ class WanUpBlock(nn.Module):
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, cache)
         return x
+
+    def input_margin(self, margin: int) -> int:
+        return up_block_input_margin(margin, len(self.resnets), self.upsamplers and self.upsamplers[0])
+
+
+def up_block_input_margin(margin: int, num_resnets: int, upsampler) -> int:
+    """How far beyond an edge of its output region an up block must see (pixels at its input's resolution) for its
+    output to be right `margin` pixels beyond that edge: each 3x3 conv adds a pixel at its resolution (two per
+    residual block, one for the upsampler's), and the upsampler makes each input pixel two."""
+    if upsampler is not None:
+        margin = -(-(margin + 1) // 2)
+    return margin + 2 * num_resnets
