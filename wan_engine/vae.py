@@ -8,7 +8,8 @@ Both directions are causal in time and run chunk by chunk as diffusers' `_encode
 the first frame, then 4 frames at a time (one latent frame each); the decoder takes one latent frame at a time (the
 first decodes to 1 frame, the others to 4). A `FeatureCache` carries the last frames of every causal conv's input
 from one chunk to the next; it lives for one call, and each chunk is evaluated before the next so memory does not
-grow with the video's length.
+grow with the video's length. To bound memory further, the decoder's upsampling layers can decode the video in
+vertical strips, one after another, with the same numbers (`WanVAE.decode_chunks`).
 """
 
 from typing import Iterator
