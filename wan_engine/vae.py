@@ -32,6 +32,10 @@ from .vae_layers import (
 )
 
 
+# The decoder leaves results under this size lazy instead of evaluating each on its own (FeatureCache.settle).
+MIN_SETTLE_BYTES = 64 * 2**20
+
+
 class WanEncoder3d(nn.Module):
     def __init__(self, in_channels, dim, z_dim, dim_mult, num_res_blocks, temperal_downsample, is_residual):
         super().__init__()
@@ -204,9 +208,10 @@ class WanVAE(nn.Module):
         columns = [[] for _ in range(x.shape[1])]  # per latent frame, its strips decoded so far
         for s, (start, end, low, high) in enumerate(strips):
             inner = (low > 0, high < width)
-            mid_cache = FeatureCache()
+            mid_cache = FeatureCache(min_settle_bytes=MIN_SETTLE_BYTES)
             # Frame by frame, the last stage (the highest resolutions, the largest tensors) is evaluated op by op.
-            caches = [FeatureCache(frame_by_frame and stage == stages - 1, inner) for stage in range(stages)]
+            caches = [FeatureCache(frame_by_frame and stage == stages - 1, inner, MIN_SETTLE_BYTES)
+                      for stage in range(stages)]
             for i in range(x.shape[1]):
                 mid_cache.next_chunk()
                 caches[0].next_chunk()
