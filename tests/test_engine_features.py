@@ -109,6 +109,11 @@ def test_presets_are_different_data_and_bad_ones_are_refused(tmp_path):
     bad.write_text(json.dumps({"release_everything": True}))
     with pytest.raises(WanError, match=r"unknown settings \['release_everything'\]"):
         load_preset(str(bad))
+    for width in (0, -4, 2.5, "40"):
+        bad.write_text(json.dumps({"vae_strip_width": width}))
+        with pytest.raises(WanError, match=r"vae_strip_width must be a whole number of latent columns, 1 or more, "
+                                           r"or null \(no strips\)"):
+            load_preset(str(bad))
 
 
 def test_a_preset_releasing_parts_gives_the_same_video(snapshots, tmp_path):

@@ -34,6 +34,12 @@ class Preset:
     # residual step of a block on its own (least activation memory)
     compile: bool = True  # run the transformer's blocks as compiled graphs (same numbers, fewer kernels)
 
+    def __post_init__(self):
+        width = self.vae_strip_width
+        if width is not None and (type(width) is not int or width < 1):
+            raise WanError(f"preset {self.name!r}: vae_strip_width must be a whole number of latent columns, 1 or more, "
+                           f"or null (no strips), not {width!r}")
+
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
