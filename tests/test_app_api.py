@@ -108,7 +108,7 @@ REFUSED = [
     ("/text_to_video", dict(steps=0), "steps 0 is not allowed: it must be between 1 and 100"),
     ("/text_to_video", dict(guidance=25), "guidance 25 is not allowed: it must be between 0 and 20"),
     ("/text_to_video", dict(seed=-5), "seed -5 is not allowed: use -1 for a random seed"),
-    ("/image_to_video", dict(image="unreadable"), "the image cannot be read"),
+    ("/image_to_video", dict(image="unreadable"), "the file notes.png is not a picture that can be read: use a PNG"),
     ("/image_to_video", dict(width=64, height=0), "give both width and height"),
 ]
 

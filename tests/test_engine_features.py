@@ -16,7 +16,7 @@ from wan_engine.pipeline import LatentNormalizer, decode_frames, frames_to_uint8
 from wan_engine.presets import available_presets, load_preset
 from wan_engine.prompt_cache import PromptEmbeddingCache
 from wan_engine.vae import WanVAE, strip_layout
-from wan_engine.video import VideoWriter, read_metadata, read_video, to_uint8
+from wan_engine.video import METADATA_TEXT_CHARS, VideoOutput, read_metadata, read_video, to_uint8
 
 SMALL = dict(width=64, height=64, frames=5, steps=2, seed=5)
 
@@ -32,7 +32,7 @@ def test_repeated_prompt_skips_the_text_encoder(snapshots, tmp_path):
     engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path, prompt_cache=cache)
     first_events, first = generate(engine, prompt="a paper boat", negative_prompt="rain", **SMALL)
     assert "loading the text encoder" in [e.message for e in first_events]
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # prompt and negative prompt
+    assert len(list((tmp_path / "cache").glob("*.embedding"))) == 2  # prompt and negative prompt
     # a new engine (as after a restart): the cache alone serves both prompts, UMT5 is never loaded
     engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path, prompt_cache=cache)
     events, again = generate(engine, prompt="  a paper   boat ", negative_prompt="rain", **SMALL)
@@ -45,16 +45,18 @@ def test_repeated_prompt_skips_the_text_encoder(snapshots, tmp_path):
 
 
 def test_prompt_cache_is_bounded_and_least_recently_used_goes_first(tmp_path):
-    cache = PromptEmbeddingCache(tmp_path, max_bytes=3 * (16 * 8 * 4 + 128))
     embedding = np.zeros((32, 8), np.float32)
     embedding[:16] = 1.0
+    PromptEmbeddingCache(tmp_path / "one").put("k", embedding, tokens=16)
+    entry_bytes = next((tmp_path / "one").iterdir()).stat().st_size
+    cache = PromptEmbeddingCache(tmp_path, max_bytes=3 * entry_bytes)
     for i in range(5):
-        cache.put(f"k{i}", embedding)
+        cache.put(f"k{i}", embedding, tokens=16)
         cache.get("k0", 32)  # keep k0 recently used
-    kept = sorted(p.stem for p in tmp_path.glob("*.npy"))
-    assert "k0" in kept and "k1" not in kept and len(kept) <= 3
-    restored = cache.get("k0", 32)
-    assert restored.shape == (32, 8) and np.array_equal(restored, embedding)
+    kept = sorted(p.stem for p in tmp_path.glob("*.embedding"))
+    assert "k0" in kept and "k1" not in kept and len(kept) == 3
+    restored, tokens = cache.get("k0", 32)
+    assert restored.shape == (32, 8) and np.array_equal(restored, embedding) and tokens == 16
 
 
 def test_previews_stream_with_each_denoising_step(snapshots, tmp_path):
@@ -187,21 +189,25 @@ def test_frames_to_uint8_on_the_device_equals_the_numpy_rounding():
     assert np.array_equal(frames_to_uint8(mx.array(values)), to_uint8(values))
 
 
-def test_video_writer_encodes_chunk_by_chunk_and_leaves_nothing_when_aborted(tmp_path):
+def test_video_output_encodes_chunk_by_chunk_and_lands_both_files_or_nothing(tmp_path):
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 256, (n, 32, 48, 3), dtype=np.uint8) for n in (1, 4, 4)]
-    writer = VideoWriter(tmp_path / "v.mp4", 48, 32, 12, {"title": "chunks"})
+    output = VideoOutput(tmp_path / "v.mp4", 48, 32, 12, {"title": "chunks", "comment": {"prompt": "p" * 5000}})
     for chunk in chunks:
-        writer.add(chunk)
-    writer.finish()
+        output.add(chunk)
+    output.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []  # nothing lands yet
+    assert output.land({"seed": 1}) == (tmp_path / "v.mp4", tmp_path / "v.json")
     video, fps = read_video(tmp_path / "v.mp4")
     assert video.shape == (9, 32, 48, 3) and fps == 12
-    assert read_metadata(tmp_path / "v.mp4")["title"] == "chunks"
+    tags = read_metadata(tmp_path / "v.mp4")
+    assert tags["title"] == "chunks" and len(json.loads(tags["comment"])["prompt"]) == METADATA_TEXT_CHARS
+    assert json.loads((tmp_path / "v.json").read_text()) == {"seed": 1}
 
-    writer = VideoWriter(tmp_path / "w.mp4", 48, 32, 12)
-    writer.add(chunks[1])
-    writer.abort()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+    output = VideoOutput(tmp_path / "w.mp4", 48, 32, 12)
+    output.add(chunks[1])
+    output.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.mp4"]
 
 
 def test_a_preset_decodes_in_strips_with_the_same_numbers_and_says_so(snapshots, tmp_path):

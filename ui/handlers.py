@@ -7,6 +7,7 @@ finally the video, the seed used and the settings. Their parameter names are the
 
 import hashlib
 import io
+import logging
 import secrets
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from .progress import event_text, failed_text, finished_text, stopped_text, wait
 from .runs import EngineThread, Run
 from .sizes import FRAME_STEP, SIZE_MULTIPLE, crop_to_aspect, size_for_aspect
 
+log = logging.getLogger("wan_studio")
 STOP_WAIT_S = 30  # Stop reports once the run has ended (within a step), or that it is ending after this long
 
 
@@ -35,6 +37,7 @@ class Studio:
         self.engine_thread = EngineThread()
         self.first_frames_dir = config.output_dir / "inputs"
         self.previews_dir = Path(tempfile.mkdtemp(prefix="wan-studio-previews-"))
+        history.remove_partials(config.output_dir)  # what runs killed while saving left behind
         history.make_missing_stills(config.output_dir)  # now, before any engine work (see history.py)
 
     # -- the API ---------------------------------------------------------------------------------------------------
@@ -156,7 +159,14 @@ class Studio:
             yield progress_update(run.outcome, preview)
         except WanError as error:
             run.outcome = failed_text(str(error))
+            yield progress_update(run.outcome, preview)
             raise gr.Error(str(error)) from None
+        except Exception as error:  # a bug: said on the page and logged in full; the app keeps serving
+            log.exception("the run failed")
+            message = f"{type(error).__name__}: {error} (the app's log has the details)"
+            run.outcome = failed_text(message)
+            yield progress_update(run.outcome, preview)
+            raise gr.Error(message) from None
 
     # -- the page's helpers (not part of the API) -----------------------------------------------------------------
     def history(self):

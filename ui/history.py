@@ -9,6 +9,8 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from wan_engine import partial_name, remove_stale_partials
+
 from .sizes import CUSTOM, matching_choice
 
 HISTORY_LIMIT = 60  # newest runs shown in the gallery
@@ -56,11 +58,21 @@ def still_or_video(video: Path) -> str:
     return str(still if still.exists() else video)
 
 
+def readable_still(still: Path) -> bool:
+    """Whether a still is a whole PNG (a damaged one is made again)."""
+    try:
+        with Image.open(still) as picture:
+            picture.load()
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def make_still(video: Path) -> None:
     """Save a small still of the video's first frame into the output folder's thumbnails/ (unless it is there or
     the video cannot be read)."""
     still = still_path(video)
-    if still.exists():
+    if still.exists() and readable_still(still):
         return
     try:
         frames = imageio_ffmpeg.read_frames(str(video))
@@ -71,9 +83,15 @@ def make_still(video: Path) -> None:
         return
     picture.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
     still.parent.mkdir(exist_ok=True)
-    partial = still.with_name(f".{still.name}.partial")  # a crash never leaves half a still behind
+    partial = partial_name(still)  # a crash never leaves half a still behind
     picture.save(partial, format="PNG")
     partial.replace(still)
+
+
+def remove_partials(output_dir: Path) -> None:
+    """Remove the partial videos, sidecars and stills of runs whose process was killed while writing them."""
+    for folder in (output_dir, output_dir / "thumbnails"):
+        remove_stale_partials(folder)
 
 
 def make_missing_stills(output_dir: Path) -> None:

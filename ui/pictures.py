@@ -1,38 +1,40 @@
 """The first frame of an image-to-video run: the upload field, and reading a picture with errors that say what to
 upload."""
 
+from pathlib import Path
+
 import gradio as gr
-from PIL import Image, ImageOps
+from PIL import Image
+
+from wan_engine import WanError, open_image
 
 READABLE = "upload a PNG, JPEG or WebP picture"
 
 
-def unreadable(error: Exception) -> gr.Error:
-    return gr.Error(f"the image cannot be read ({error}): {READABLE}")
-
-
 class PictureInput(gr.Image):
-    """gr.Image whose unreadable uploads get an error that says what to upload, instead of a stack trace."""
+    """gr.Image whose unreadable uploads get an error that names the upload and says what to upload, instead of a
+    stack trace."""
 
     is_template = True  # the browser draws it as a plain gr.Image
 
     def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise unreadable(error) from None
+        if payload is not None and payload.path:
+            try:
+                open_image(payload.path, name=payload.orig_name or Path(payload.path).name)
+            except WanError as error:
+                raise gr.Error(str(error)) from None
+        return super().preprocess(payload)
 
 
 def open_picture(path) -> Image.Image:
     """The picture at `path`, upright (EXIF orientation applied) and RGB; gr.Error when there is none or it cannot
-    be read."""
+    be read (saying which file and what is allowed)."""
     if not path:
         raise gr.Error(f"there is no image: {READABLE} for the video to start from")
     try:
-        with Image.open(path) as picture:
-            return ImageOps.exif_transpose(picture).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise unreadable(error) from None
+        return open_image(path)
+    except WanError as error:
+        raise gr.Error(str(error)) from None
 
 
 def readable_picture(path) -> Image.Image | None:

@@ -61,8 +61,17 @@ def finished_text(result) -> str:
             stages.append(f"{label} {seconds(timings[key])}{per_step}")
     return (
         f"**Done** in {seconds(timings['total_s'])} · seed {result.seed} · "
-        f"peak memory {result.peak_memory_gib:.2f} GiB · saved as `{result.video_path.name}`  \n" + " · ".join(stages)
+        f"peak memory {result.peak_memory_gib:.2f} GiB · saved as `{result.video_path.name}`  \n"
+        + " · ".join(stages) + "  \n" + tokens_text(result.prompt_tokens)
     )
+
+
+def tokens_text(tokens: dict) -> str:
+    """How much of the prompt the model read: it reads the first `limit` tokens."""
+    if tokens["total"] > tokens["limit"]:
+        return (f"**Prompt cut**: the model read the first {tokens['used']} of its {tokens['total']} tokens; "
+                "the rest was left out")
+    return f"prompt: {tokens['used']} of {tokens['limit']} tokens"
 
 
 def failed_text(message: str) -> str:

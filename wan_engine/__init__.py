@@ -10,5 +10,11 @@ __version__ = "0.1.0"
 
 from .engine import CancelToken, Engine, GenerationRequest, ProgressEvent, Result  # noqa: E402
 from .errors import Cancelled, WanError  # noqa: E402
+from .images import open_image  # noqa: E402
+from .cache_files import partial_name  # noqa: E402
+from .video import remove_stale_partials  # noqa: E402
 
-__all__ = ["CancelToken", "Cancelled", "Engine", "GenerationRequest", "ProgressEvent", "Result", "WanError"]
+__all__ = [
+    "CancelToken", "Cancelled", "Engine", "GenerationRequest", "ProgressEvent", "Result", "WanError", "open_image",
+    "partial_name", "remove_stale_partials",
+]

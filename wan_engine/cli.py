@@ -107,6 +107,10 @@ def run_generate(args) -> int:
     if args.save_frames:
         Path(args.save_frames).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_frames, result.frames.astype(np.float32))
+    tokens = result.prompt_tokens
+    if tokens["total"] > tokens["limit"]:
+        print(f"note: the prompt has {tokens['total']} tokens; the model read the first {tokens['used']}",
+              file=sys.stderr)
     print(f"seed {result.seed}")
     print(f"wrote {result.video_path} ({result.timings['total_s']:.1f} s, MLX peak {result.peak_memory_gib:.2f} GiB)")
     return 0

@@ -6,7 +6,9 @@ seconds on a laptop CPU. Its weights are random, so its videos are noise-like: i
 model.
 """
 
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,7 +22,9 @@ from mlx.utils import tree_flatten
 from .config import TextEncoderConfig, TransformerConfig, VAEConfig
 from .weights import to_diffusers_layout
 
-DEMO_VERSION = 1
+log = logging.getLogger("wan_engine")
+DEMO_VERSION = 2  # 2: with a manifest of checksums
+MANIFEST = "MANIFEST.json"
 DEMO_NOTICE = "demo model: random weights, so the video is noise-like; it shows the app working, not Wan2.2"
 
 TRANSFORMER = dict(
@@ -153,19 +157,40 @@ def write_demo_snapshot(root: Path, seed: int = 0) -> None:
     (root / "DEMO.txt").write_text(DEMO_NOTICE + "\n")
 
 
+def file_digests(root: Path) -> dict:
+    """sha256 of every file under `root` but the manifest itself, by relative path."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST
+    }
+
+
+def is_intact(root: Path) -> bool:
+    """Whether the built demo model is whole: its manifest lists exactly its files, with their checksums."""
+    try:
+        return json.loads((root / MANIFEST).read_text()) == file_digests(root)
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_demo_model() -> Path:
-    """The demo snapshot's folder, built on first use (into a temporary folder, renamed when complete)."""
+    """The demo snapshot's folder, built on first use (into a temporary folder, renamed when complete) and
+    checked against its manifest on every use: a damaged copy (a file cut short or changed) is built again."""
     root = cache_root() / f"demo-v{DEMO_VERSION}"
-    if (root / "model_index.json").is_file():
-        return root
+    if root.is_dir():
+        if is_intact(root):
+            return root
+        log.warning("the demo model in %s is damaged: building it again", root)
+        shutil.rmtree(root, ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     try:
         write_demo_snapshot(staging)
+        (staging / MANIFEST).write_text(json.dumps(file_digests(staging), indent=2))
         try:
             staging.rename(root)
         except OSError:  # another process finished first: use its copy
-            if not (root / "model_index.json").is_file():
+            if not is_intact(root):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -30,8 +30,8 @@ from .presets import Preset, load_preset
 from .preview import calibrate, latent_preview
 from .prompt_cache import PromptEmbeddingCache, encoder_identity
 from .scheduler import SAMPLERS, make_scheduler
-from .text_encoder import encode_prompts, prompt_clean
-from .video import VideoWriter, write_sidecar
+from .text_encoder import count_tokens, encode_prompts, prompt_clean
+from .video import VideoOutput, prepare_folder, remove_stale_partials
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 TEXT_LENGTH = 512  # Wan's text length: prompts are padded (with zeros past their end) to 512 tokens
@@ -112,6 +112,7 @@ class Result:
     settings: dict
     timings: dict
     peak_memory_gib: float
+    prompt_tokens: dict  # {"used", "total", "limit"}: the model reads the first `limit` tokens of the prompt
     frames: np.ndarray | None = field(default=None, repr=False)
 
 
@@ -217,12 +218,14 @@ class Engine:
             raise Cancelled()
 
     # -- stages ----------------------------------------------------------------------------------------------------
-    def _encode_text(self, prompts: list[str], timings: dict):
+    def _encode_text(self, prompts: list[str], timings: dict, tokens: list):
         """Embeddings (len(prompts), 512, D) as the text encoder's dtype; the cache first, UMT5 for misses.
-        Each prompt is encoded on its own, so a cached and a fresh embedding are the same numbers."""
+        Each prompt is encoded on its own, so a cached and a fresh embedding are the same numbers. Appends each
+        prompt's token count (before the model's cut to 512) to `tokens`."""
         rows = []
         for prompt in prompts:
-            key = self.prompt_cache.key(self.text_identity, prompt_clean(prompt), TEXT_LENGTH)
+            cleaned = prompt_clean(prompt)
+            key = self.prompt_cache.key(self.text_identity, cleaned, TEXT_LENGTH)
             cached = self.prompt_cache.get(key, TEXT_LENGTH)
             if cached is None:
                 if self.preset.release_transformer_before_decode:  # one large part in memory at a time
@@ -230,9 +233,10 @@ class Engine:
                 yield from self._load("tokenizer", timings)
                 yield from self._load("text_encoder", timings)
                 embedding = encode_prompts(self.parts["text_encoder"], self.parts["tokenizer"], [prompt], TEXT_LENGTH)
-                cached = np.array(embedding[0].astype(mx.float32))
-                self.prompt_cache.put(key, cached)
-            rows.append(cached)
+                cached = np.array(embedding[0].astype(mx.float32)), count_tokens(self.parts["tokenizer"], prompt)
+                self.prompt_cache.put(key, *cached)
+            rows.append(cached[0])
+            tokens.append(cached[1])
         if self.preset.release_text_encoder:
             self.release("text_encoder")
         return mx.array(np.stack(rows)).astype(self.dtype)
@@ -275,6 +279,9 @@ class Engine:
         shape = latent_shape(self.vae_config, self.transformer_config, request.width, request.height, request.frames)
         noise = from_diffusers_layout(request.latents, shape) if request.latents is not None else initial_noise(seed, shape)
         image = None if request.image is None else load_image(request.image, request.width, request.height)
+        video_path = self.output_path(request, seed)
+        prepare_folder(video_path, request.width, request.height, request.frames)  # before any work: room, a folder
+        remove_stale_partials(video_path.parent)
         use_cfg = request.guidance > 1.0
         preset = self.preset
 
@@ -292,10 +299,17 @@ class Engine:
 
         yield ProgressEvent("text", "encoding the prompt" + (" and the negative prompt" if use_cfg else ""))
         start = time.perf_counter()
-        context = yield from self._encode_text([request.prompt, negative] if use_cfg else [request.prompt], timings)
+        tokens = []
+        context = yield from self._encode_text([request.prompt, negative] if use_cfg else [request.prompt], timings,
+                                               tokens)
         mx.eval(context)
         lap("text_s", start)
         timings["text_s"] = round(timings["text_s"] - timings.get("load_s", 0.0), 4)  # loading counted apart
+        prompt_tokens = {"used": min(tokens[0], TEXT_LENGTH), "total": tokens[0], "limit": TEXT_LENGTH}
+        for name, count in zip(("prompt", "negative prompt"), tokens):
+            if count > TEXT_LENGTH:
+                yield ProgressEvent("text", f"the {name} has {count} tokens and the model reads {TEXT_LENGTH}: "
+                                            f"everything after the first {TEXT_LENGTH} is left out")
         self._end_stage(cancel)
 
         condition = None
@@ -334,9 +348,9 @@ class Engine:
         yield from self._load("vae", timings)
         start = time.perf_counter()
         settings = self.settings(request, seed, negative)
-        video_path = self.output_path(request, seed)
-        # ffmpeg encodes each decoded chunk while the next one decodes; a cancelled or failed run leaves no file.
-        writer = VideoWriter(video_path, request.width, request.height, request.fps,
+        # ffmpeg encodes each decoded chunk while the next one decodes; the video and its sidecar land together
+        # at the end, or nothing does (a cancelled or failed run leaves no file).
+        output = VideoOutput(video_path, request.width, request.height, request.fps,
                              {"title": request.prompt, "comment": settings})
         try:
             frames_float = []
@@ -344,7 +358,7 @@ class Engine:
             for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile,
                                                      preset.vae_frame_by_frame, preset.vae_strip_width):
                 if frames is not None:
-                    writer.add(frames_to_uint8(frames))
+                    output.add(frames_to_uint8(frames))
                     if request.keep_frames:
                         frames_float.append(np.array(frames))
                 yield ProgressEvent("decode", decode_message(done, total, tile is not None, latents.shape[1]), done,
@@ -355,23 +369,23 @@ class Engine:
 
             yield ProgressEvent("save", "writing the video")
             start = time.perf_counter()
-            writer.finish()
+            output.close()
+            lap("save_s", start)
+            timings["total_s"] = round(time.perf_counter() - run_start, 4)
+            peak = max(stage_peaks.values())
+            record = {
+                "seed": seed, "settings": settings, "timings": timings, "peak_memory_gib": peak,
+                "stage_peak_memory_gib": stage_peaks, "prompt_tokens": prompt_tokens,
+                "engine_version": __version__, "video": video_path.name,
+                "created": datetime.now().isoformat(timespec="seconds"),
+            }
+            if self.notice:
+                record["notice"] = self.notice
+            video_path, sidecar = output.land(record)
         except BaseException:
-            writer.abort()
+            output.abort()
             raise
-        lap("save_s", start)
-        timings["total_s"] = round(time.perf_counter() - run_start, 4)
-        peak = max(stage_peaks.values())
-        record = {
-            "seed": seed, "settings": settings, "timings": timings, "peak_memory_gib": peak,
-            "stage_peak_memory_gib": stage_peaks,
-            "engine_version": __version__, "video": video_path.name,
-            "created": datetime.now().isoformat(timespec="seconds"),
-        }
-        if self.notice:
-            record["notice"] = self.notice
-        sidecar = write_sidecar(video_path.with_suffix(".json"), record)
-        yield Result(video_path, sidecar, seed, settings, timings, peak,
+        yield Result(video_path, sidecar, seed, settings, timings, peak, prompt_tokens,
                      np.concatenate(frames_float) if request.keep_frames else None)
 
     def output_path(self, request: GenerationRequest, seed: int) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import Cancelled, WanError
+from .images import open_image
 from .vae_tiling import decode_tiled
 
 # Wan's official default negative prompt (Wan-Video/Wan2.2 `shared_config.sample_neg_prompt`).
@@ -64,14 +65,8 @@ def from_diffusers_layout(latents: np.ndarray, expected_shape: tuple) -> mx.arra
 
 def load_image(image, width: int, height: int) -> mx.array:
     """The conditioning image as diffusers' `VideoProcessor.preprocess` prepares it: RGB, resized to exactly
-    width x height with Lanczos, scaled to [-1, 1]. Returns (1, 1, H, W, 3) float32."""
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise WanError(f"could not read the image {image}: {e}") from None
-    image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+    width x height with Lanczos, scaled to [-1, 1]. `image`: a path or a PIL image. Returns (1, 1, H, W, 3) float32."""
+    image = open_image(image).resize((width, height), resample=Image.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     return mx.array(pixels * 2.0 - 1.0)[None, None]
 

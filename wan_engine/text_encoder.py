@@ -227,6 +227,12 @@ class UMT5Encoder(nn.Module):
 # Prompt encoding
 
 
+def count_tokens(tokenizer, prompt: str) -> int:
+    """How many tokens `prompt` has after cleaning, with its end-of-text token, before any cut to the model's
+    length (encode_prompts keeps the first max_length)."""
+    return len(tokenizer(prompt_clean(prompt), add_special_tokens=True, truncation=False)["input_ids"])
+
+
 def encode_prompts(model: UMT5Encoder, tokenizer, prompts: list[str], max_length: int = 512) -> mx.array:
     """diffusers' `WanPipeline._get_t5_prompt_embeds`: (B, max_length, d_model) embeddings, zero past each prompt.
 
