@@ -10,11 +10,10 @@ import re
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+from browser import CHROMIUM, chromium
+
 RUN_TIMEOUT_MS = 90_000
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium package is not installed")
@@ -22,17 +21,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's c
 
 @pytest.fixture(scope="module")
 def browser(app_server):
-    # scripts/fast_blas.sh preloads OpenBLAS for MLX; Playwright's node driver cannot start threads with it loaded.
-    preload = os.environ.pop("LD_PRELOAD", None)
-    try:
-        playwright = sync_playwright().start()
-    finally:
-        if preload is not None:
-            os.environ["LD_PRELOAD"] = preload
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    yield browser
-    browser.close()
-    playwright.stop()
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture
