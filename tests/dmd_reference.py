@@ -68,12 +68,11 @@ def pred_noise_to_pred_video(pred_noise, noise_input_latent, timestep, scheduler
 
 
 def dmd_denoise(transformer, latents, prompt_embeds, dmd_denoising_steps, step_noise, z=None, shift=8.0):
-    """DmdDenoisingStage.forward in float32: `latents` the initial noise (B, C, T, H, W), `step_noise` the noise of
-    each re-noising in the same layout, `z` the normalized first-frame latent (B, C, 1, H, W) for image to video.
-    Returns the denoised latents (B, C, T, H, W)."""
+    """DmdDenoisingStage.forward in float32 (FastVideo runs the transformer in bfloat16 autocast): `latents` the
+    initial noise (B, C, T, H, W), `step_noise` the noise of each re-noising in the same layout, `z` the normalized
+    first-frame latent (B, C, 1, H, W) for image to video. Returns the denoised latents (B, C, T, H, W)."""
     scheduler = FlowMatchTable(shift=shift)
     latents = latents.permute(0, 2, 1, 3, 4)  # LatentPreparationStage(use_btchw_layout=True): (B, T, C, H, W)
-    video_raw_latent_shape = latents.shape
     if z is not None:  # DenoisingStage 280-284, in (B, T, C, H, W): frame 0 becomes the image's latent
         _, mask2 = masks_like([latents[0]])
         latents = ((1. - mask2[0]) * z.permute(0, 2, 1, 3, 4)[0] + mask2[0] * latents[0])[None]
@@ -95,7 +94,7 @@ def dmd_denoise(transformer, latents, prompt_embeds, dmd_denoising_steps, step_n
                                               scheduler=scheduler).unflatten(0, pred_noise.shape[:2])
         if i < len(timesteps) - 1:
             next_timestep = timesteps[i + 1] * torch.ones([1], dtype=torch.long)
-            noise = step_noise[i].permute(0, 2, 1, 3, 4).reshape(video_raw_latent_shape)
+            noise = step_noise[i].permute(0, 2, 1, 3, 4)  # FastVideo: torch.randn(video_raw_latent_shape, ...)
             latents = scheduler.add_noise(pred_video.flatten(0, 1), noise.flatten(0, 1),
                                           next_timestep).unflatten(0, pred_video.shape[:2])
         else:

@@ -185,6 +185,7 @@ class FlowDMDScheduler:
     def step(self, model_output: mx.array, sample: mx.array) -> mx.array:
         i = self.step_index
         self.step_index += 1
+        # FastVideo computes x0 in float64 and rounds it to the latents' dtype: float32 here, the same to round-off
         clean = sample - self.sigmas[i].item() * model_output.astype(mx.float32)
         if self.step_index == len(self.timesteps):
             return clean
@@ -204,7 +205,7 @@ def sampler_defaults(name: str, config: SchedulerConfig) -> dict:
     return {"sampler": name, "steps": 50, "guidance": 5.0, "shift": config.flow_shift}
 
 
-def make_scheduler(name: str, num_steps: int, shift: float, config: SchedulerConfig, noise_key: mx.array = None):
+def make_scheduler(name: str, num_steps: int, shift: float, config: SchedulerConfig, noise_key: mx.array | None = None):
     """A sampler; `noise_key` is the key of DMD's fresh noise (the other samplers draw none)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
