@@ -139,9 +139,14 @@ def test_cancel_between_steps(snapshots, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_guidance_is_refused_with_dmd():
+def test_guidance_is_refused_with_dmd(snapshots, no_torch_env, tmp_path):
     with pytest.raises(WanError, match="guidance 5.0 is not allowed with the dmd sampler"):
         validate(GenerationRequest(prompt="x", sampler="dmd", guidance=5.0), 32, 4)
+    proc = run_cli(["generate", "--model", snapshots["small"], "--prompt", "x", "--width", 64, "--height", 64,
+                    "--frames", 5, "--sampler", "dmd", "--guidance", 5, "--output", tmp_path / "never.mp4"],
+                   no_torch_env)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "error: guidance 5.0 is not allowed with the dmd sampler" in proc.stderr
 
 
 @pytest.fixture(scope="module")
