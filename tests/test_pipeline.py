@@ -95,7 +95,7 @@ def test_cli_without_torch_matches_diffusers_and_writes_outputs(snapshots, no_to
     (["--width", 100], "width 100 is not allowed: it must be a positive multiple of 32 (for example 96 or 128)"),
     (["--frames", 8], "frames 8 is not allowed: it must be 4n+1"),
     (["--prompt", "  "], "the prompt is empty"),
-    (["--sampler", "ddim"], "sampler 'ddim' is not allowed: choose one of unipc, euler"),
+    (["--sampler", "ddim"], "sampler 'ddim' is not allowed: choose one of unipc, euler, dmd"),
     (["--image", "/nonexistent.png"], "the image /nonexistent.png does not exist"),
     (["--latents", "/nonexistent.npy"], "could not read --latents /nonexistent.npy"),
     (["--dtype", "int8"], "dtype 'int8' is not allowed"),

@@ -82,7 +82,7 @@ def test_euler_matches_diffusers_flow_match_euler(steps, shift):
 
 
 @pytest.mark.parametrize("name,steps,shift,message", [
-    ("ddim", 10, 5.0, "unknown sampler 'ddim': choose one of unipc, euler"),
+    ("ddim", 10, 5.0, "unknown sampler 'ddim': choose one of unipc, euler, dmd"),
     ("unipc", 0, 5.0, "steps must be at least 1"),
     ("euler", 10, -1.0, "shift must be a positive number"),
 ])

@@ -31,10 +31,17 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=1280, help="multiple of 32 (default 1280)")
     p.add_argument("--height", type=int, default=704, help="multiple of 32 (default 704)")
     p.add_argument("--frames", type=int, default=121, help="4n+1 (default 121: 5 s at 24 fps)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance; <= 1 turns it off")
-    p.add_argument("--shift", type=float, default=None, help="flow shift; default: the scheduler config's")
-    p.add_argument("--sampler", default="unipc", help="unipc (default) or euler")
+    # steps, guidance, shift, sampler: left unset, the model's recommended ones (Engine.defaults)
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: 50, or 3 with the dmd sampler (FastVideo's 1000, 757, 522; other counts: evenly "
+                        "spaced timesteps)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance; <= 1 turns it off; default: 5.0, off with the dmd sampler")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow shift; default: the scheduler config's, 8.0 (FastVideo's) with the dmd sampler")
+    p.add_argument("--sampler", default=None,
+                   help="unipc, euler or dmd (few-step distilled models); default: dmd for FastVideo's FastWan "
+                        "checkpoints, else unipc")
     p.add_argument("--seed", type=int, default=None, help="random when absent (printed)")
     p.add_argument("--fps", type=int, default=24)
     p.add_argument("--preset", default="normal", help="memory preset: normal, low-ram, or a .json path")

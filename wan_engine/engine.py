@@ -6,6 +6,7 @@ A `CancelToken` stops a run within one step; a cancelled run frees its arrays an
 preset decides what is quantized, what is released between stages, and how the VAE decodes.
 """
 
+import dataclasses
 import gc
 import secrets
 import threading
@@ -24,12 +25,12 @@ from .hub import resolve_model
 from .loading import Snapshot
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
-    from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image,
+    from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
 )
 from .presets import Preset, load_preset
 from .preview import calibrate, latent_preview
 from .prompt_cache import PromptEmbeddingCache, encoder_identity
-from .scheduler import SAMPLERS, make_scheduler
+from .scheduler import SAMPLERS, make_scheduler, sampler_defaults
 from .text_encoder import count_tokens, encode_prompts, prompt_clean
 from .video import VideoOutput, prepare_folder, remove_stale_partials
 
@@ -79,10 +80,11 @@ class GenerationRequest:
     width: int = 1280
     height: int = 704
     frames: int = 121
-    steps: int = 50
-    guidance: float = 5.0
-    shift: float | None = None  # None: the scheduler config's flow_shift
-    sampler: str = "unipc"
+    # None for steps, guidance, shift, sampler: the model's recommended settings (Engine.defaults)
+    steps: int | None = None
+    guidance: float | None = None
+    shift: float | None = None
+    sampler: str | None = None
     seed: int | None = None  # None: a random seed, reported in the result
     fps: int = 24
     latents: np.ndarray | None = None  # initial noise (1, C, F, H, W) used instead of the seed's
@@ -117,16 +119,20 @@ class Result:
 
 
 def validate(request: GenerationRequest, size_multiple: int, frame_step: int) -> None:
-    """Every check that needs no model, with messages that say what is allowed."""
+    """Every check that needs no model, with messages that say what is allowed (settings left unset are the
+    model's, and not checked)."""
     if not request.prompt or not request.prompt.strip():
         raise WanError("the prompt is empty: describe the video you want")
     check_video_size(request.width, request.height, request.frames, size_multiple, frame_step)
-    if request.sampler not in SAMPLERS:
+    if request.sampler is not None and request.sampler not in SAMPLERS:
         raise WanError(f"sampler {request.sampler!r} is not allowed: choose one of {', '.join(SAMPLERS)}")
-    if not 1 <= request.steps <= 1000:
+    if request.steps is not None and not 1 <= request.steps <= 1000:
         raise WanError(f"steps {request.steps} is not allowed: it must be between 1 and 1000")
-    if not 0 <= request.guidance <= 50:
+    if request.guidance is not None and not 0 <= request.guidance <= 50:
         raise WanError(f"guidance {request.guidance} is not allowed: it must be between 0 and 50 (1 turns it off)")
+    if request.sampler == "dmd" and request.guidance is not None and request.guidance > 1:
+        raise WanError(f"guidance {request.guidance} is not allowed with the dmd sampler: distilled few-step "
+                       "sampling runs without guidance (1 or less, or leave it unset)")
     if request.shift is not None and not 0 < request.shift <= 100:
         raise WanError(f"shift {request.shift} is not allowed: it must be above 0 and at most 100")
     if not 1 <= request.fps <= 120:
@@ -260,7 +266,21 @@ class Engine:
         }
 
     def shift(self, request: GenerationRequest) -> float:
-        return request.shift if request.shift is not None else self.scheduler_config.flow_shift
+        return request.shift if request.shift is not None else self.defaults(request.sampler)["shift"]
+
+    def defaults(self, sampler: str | None = None) -> dict:
+        """The recommended {sampler, steps, guidance, shift} of this model (of `sampler` on it, when given), which
+        a request's unset settings take. FastVideo's DMD-distilled checkpoints (FastWan2.2-TI2V-5B) name its
+        `WanDMDPipeline` in model_index.json: they default to the dmd sampler, 3 steps, no guidance."""
+        if sampler is None:
+            sampler = "dmd" if self.snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
+        return sampler_defaults(sampler, self.scheduler_config)
+
+    def with_defaults(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with its unset sampler, steps, guidance and shift taken from `defaults`."""
+        unset = {name: value for name, value in self.defaults(request.sampler).items()
+                 if getattr(request, name) is None}
+        return dataclasses.replace(request, **unset)
 
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None):
         """Run one generation: yields ProgressEvents, then the Result. Raises WanError on bad input and
@@ -273,6 +293,7 @@ class Engine:
             raise
 
     def _generate(self, request: GenerationRequest, cancel: CancelToken | None):
+        request = self.with_defaults(request)
         validate(request, self.size_multiple, self.frame_step)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         negative = DEFAULT_NEGATIVE_PROMPT if request.negative_prompt is None else request.negative_prompt
@@ -328,7 +349,8 @@ class Engine:
         self._end_stage(cancel)
 
         yield from self._load("transformer", timings)
-        scheduler = make_scheduler(request.sampler, request.steps, self.shift(request), self.scheduler_config)
+        scheduler = make_scheduler(request.sampler, request.steps, request.shift, self.scheduler_config,
+                                   step_noise_key(seed))
         steps = generate_latents(self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel,
                                  preset.cfg_batch)
         start = time.perf_counter()

@@ -151,6 +151,12 @@ class Snapshot:
         return SchedulerConfig.from_dict(self.config("scheduler", "scheduler_config.json"))
 
     @property
+    def pipeline_class(self) -> str | None:
+        """model_index.json's `_class_name`: diffusers' `WanPipeline`, or `WanDMDPipeline` for FastVideo's
+        DMD-distilled checkpoints (FastVideo picks its pipeline by this name: fastvideo/registry.py get_model_info)."""
+        return self.model_index.get("_class_name")
+
+    @property
     def expand_timesteps(self) -> bool:
         return bool(self.model_index.get("expand_timesteps", False))
 

@@ -53,6 +53,12 @@ def initial_noise(seed: int, shape: tuple) -> mx.array:
     return noise.transpose(0, 2, 3, 4, 1)
 
 
+def step_noise_key(seed: int) -> mx.array:
+    """The key of the fresh noise a sampler draws during denoising (DMD): split from the seed's key, which the
+    initial noise uses as it is, so that the two are different streams of the same seed."""
+    return mx.random.split(mx.random.key(seed))[1]
+
+
 def from_diffusers_layout(latents: np.ndarray, expected_shape: tuple) -> mx.array:
     """A user-supplied (B, C, F, H, W) noise array -> channels-last float32, checking its shape."""
     if tuple(latents.shape) != tuple(expected_shape):
@@ -100,7 +106,7 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
     context: (2, L, D) text-encoder states [prompt, negative prompt] when `guidance > 1`, else (1, L, D). The
     guidance pair runs as one batch of two (`cfg_batch`, faster) or as two passes of one (half the activations).
     condition: the normalized first-frame latent for image-to-video, kept fixed as frame 0 with timestep 0 (TI2V's
-    `expand_timesteps` conditioning).
+    `expand_timesteps` conditioning, as diffusers and FastVideo's TI2V denoising do it; with every sampler, DMD too).
     """
     _, num_frames, height, width, _ = noise.shape
     dtype = transformer.dtype

@@ -1,9 +1,10 @@
-"""Flow-matching samplers: UniPC (diffusers' `UniPCMultistepScheduler` with flow sigmas) and Euler.
+"""Flow-matching samplers: UniPC (diffusers' `UniPCMultistepScheduler` with flow sigmas), Euler, and DMD (FastVideo's
+few-step sampling of DMD-distilled models such as FastWan2.2-TI2V-5B).
 
-Both share the shifted flow schedule sigma(t) of Wan: `sigmas = shift*s / (1 + (shift-1)*s)` for `s` evenly spaced
-from 1 to 1/1000, timesteps `sigma * 1000` truncated to integers, and a final sigma of zero. The solver
+UniPC and Euler share the shifted flow schedule sigma(t) of Wan: `sigmas = shift*s / (1 + (shift-1)*s)` for `s`
+evenly spaced from 1 to 1/1000, timesteps `sigma * 1000` truncated to integers, and a final sigma of zero. The solver
 coefficients are scalar and computed in float32 numpy, as diffusers computes them with float32 torch scalars; the
-latent updates are MLX arrays in float32.
+latent updates are MLX arrays in float32. DMD has its own fixed timesteps and draws fresh noise at every step.
 """
 
 import math
@@ -132,14 +133,86 @@ class FlowUniPCScheduler:
         return prev_sample
 
 
-SAMPLERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler}
+# FastVideo's DMD sampling, the spec of FlowDMDScheduler (fastvideo 0.2.1 = hao-ai-lab/FastVideo 2f3d407):
+# fastvideo/pipelines/stages/denoising.py `DmdDenoisingStage` (lines 1250-1409), with `pred_noise_to_pred_video`
+# (fastvideo/models/utils.py 138-175) and `FlowMatchEulerDiscreteScheduler.__init__` / `add_noise`
+# (fastvideo/models/schedulers/scheduling_flow_match_euler_discrete.py 112-161, 601-635).
+DMD_TIMESTEPS = (1000, 757, 522)  # FastWan2.2-TI2V-5B's `dmd_denoising_steps` (configs/pipelines/wan.py 276-278)
+DMD_SHIFT = 8.0  # DmdDenoisingStage looks sigmas up in its own FlowMatchEulerDiscreteScheduler(shift=8.0)
 
 
-def make_scheduler(name: str, num_steps: int, shift: float, config: SchedulerConfig):
+def dmd_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """The timesteps of `num_steps` DMD steps: FastWan2.2's three for 3 steps. FastVideo derives no list from a
+    step count (its DMD stage ignores num_inference_steps and runs the configured list); for other counts we space
+    them evenly from 1000 down, 1000*(N-k)/N rounded down, which is what FastVideo's 4-step DMD configs list
+    ([1000, 750, 500, 250]). The distilled model was trained on its own list only."""
+    if num_steps == len(DMD_TIMESTEPS):
+        return np.array(DMD_TIMESTEPS, np.int64)
+    return num_train_timesteps * np.arange(num_steps, 0, -1, dtype=np.int64) // num_steps
+
+
+def dmd_sigma_table(shift: float, num_train_timesteps: int = 1000):
+    """(timesteps, sigmas), float32 [num_train_timesteps]: the training schedule of FastVideo's
+    FlowMatchEulerDiscreteScheduler, in its float32 arithmetic, from timestep 1000 (sigma 1) down."""
+    sigmas = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1] / num_train_timesteps
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return sigmas * num_train_timesteps, sigmas
+
+
+class FlowDMDScheduler:
+    """Few-step sampling of a DMD-distilled model, as FastVideo's DmdDenoisingStage: at each timestep the flow
+    prediction v gives a clean estimate x0 = x_t - sigma_t * v, which is noised again to the next timestep's level
+    with fresh noise, x = (1 - sigma_next) * x0 + sigma_next * noise; the last step returns x0. Each timestep's sigma
+    is that of the nearest timestep of the shifted 1000-step table (so sigma ~ t/1000; the shift only moves it
+    along that grid). The fresh noise comes from `key`, split once per draw: one seed, one video."""
+
+    order = 1
+
+    def __init__(self, num_steps: int, shift: float, config: SchedulerConfig, key: mx.array):
+        self.timesteps = dmd_timesteps(num_steps, config.num_train_timesteps)
+        table_timesteps, table_sigmas = dmd_sigma_table(shift, config.num_train_timesteps)
+        # FastVideo compares in float64 (pred_noise_to_pred_video), with the table's float32 values
+        nearest = np.abs(table_timesteps.astype(np.float64)[None] - self.timesteps[:, None]).argmin(axis=1)
+        self.sigmas = table_sigmas[nearest]
+        self.key = key
+        self.step_index = 0
+
+    def fresh_noise(self, shape: tuple) -> mx.array:
+        """Standard normal noise for one re-noising, from the next split of the key."""
+        self.key, key = mx.random.split(self.key)
+        return mx.random.normal(shape, dtype=mx.float32, key=key)
+
+    def step(self, model_output: mx.array, sample: mx.array) -> mx.array:
+        i = self.step_index
+        self.step_index += 1
+        # FastVideo computes x0 in float64 and rounds it to the latents' dtype: float32 here, the same to round-off
+        clean = sample - self.sigmas[i].item() * model_output.astype(mx.float32)
+        if self.step_index == len(self.timesteps):
+            return clean
+        sigma_next = self.sigmas[i + 1]
+        return (1 - sigma_next).item() * clean + sigma_next.item() * self.fresh_noise(sample.shape)
+
+
+SAMPLERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler, "dmd": FlowDMDScheduler}
+
+
+def sampler_defaults(name: str, config: SchedulerConfig) -> dict:
+    """What sampler `name` runs with when a request leaves steps, guidance or shift unset. DMD: the distilled
+    model's three steps without guidance (FastVideo's DMD stage runs the prompt alone), and FastVideo's table shift;
+    the others: Wan2.2's 50 steps, guidance 5 and the scheduler config's flow shift."""
+    if name == "dmd":
+        return {"sampler": name, "steps": len(DMD_TIMESTEPS), "guidance": 1.0, "shift": DMD_SHIFT}
+    return {"sampler": name, "steps": 50, "guidance": 5.0, "shift": config.flow_shift}
+
+
+def make_scheduler(name: str, num_steps: int, shift: float, config: SchedulerConfig, noise_key: mx.array | None = None):
+    """A sampler; `noise_key` is the key of DMD's fresh noise (the other samplers draw none)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
     if num_steps < 1:
         raise ValueError(f"steps must be at least 1, got {num_steps}")
     if not math.isfinite(shift) or shift <= 0:
         raise ValueError(f"shift must be a positive number, got {shift}")
+    if name == "dmd":
+        return FlowDMDScheduler(num_steps, shift, config, noise_key)
     return SAMPLERS[name](num_steps, shift, config)
