@@ -1,4 +1,5 @@
-"""Command line: `python -m wan_engine generate ...`.
+"""Command line: `python -m wan_engine generate ...`, alone or in a group: `mlx.launch -n 2 -- python -m wan_engine
+generate ...` shares the video among the processes, and rank 0 writes it (wan_engine.parallel).
 
 Errors a user can fix (bad sizes, missing files, ...) end with one line on stderr and exit code 1, never a
 traceback.
@@ -85,6 +86,14 @@ class ProgressBar:
 
 def run_generate(args) -> int:
     from .engine import Engine, GenerationRequest, Result
+    from .parallel import join
+
+    group = join()  # under mlx.launch: this process's place in its group; None alone
+    if group is not None and not group.is_owner:
+        engine = Engine(args.model, dtype=args.dtype, preset=args.preset)
+        group.wait_for_all()
+        group.serve(lambda model, preset, dtype: Engine(model, dtype=dtype, preset=preset), engine)
+        return 0
 
     latents = None
     if args.latents:
@@ -99,11 +108,13 @@ def run_generate(args) -> int:
         keep_frames=bool(args.save_frames),
     )
     bar = ProgressBar()
-    engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download)
+    engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download, group=group)
     if engine.notice:
         print(f"note: {engine.notice}", file=sys.stderr)
     result = None
     try:
+        if group is not None:
+            group.wait_for_all()  # every process has opened the model
         for item in engine.generate(request):
             if isinstance(item, Result):
                 result = item
@@ -111,6 +122,8 @@ def run_generate(args) -> int:
                 bar.update(item)
     finally:
         bar.close()  # an error message then starts on a line of its own
+        if group is not None:
+            group.release_followers()
     if args.save_frames:
         Path(args.save_frames).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_frames, result.frames.astype(np.float32))
@@ -120,6 +133,9 @@ def run_generate(args) -> int:
               file=sys.stderr)
     print(f"seed {result.seed}")
     print(f"wrote {result.video_path} ({result.timings['total_s']:.1f} s, MLX peak {result.peak_memory_gib:.2f} GiB)")
+    if result.parallel:
+        print(f"shared by {result.parallel['ranks']} processes (guidance x{result.parallel['guidance']}, "
+              f"sequence x{result.parallel['sequence']})")
     return 0
 
 

@@ -116,6 +116,7 @@ class Result:
     peak_memory_gib: float
     prompt_tokens: dict  # {"used", "total", "limit"}: the model reads the first `limit` tokens of the prompt
     frames: np.ndarray | None = field(default=None, repr=False)
+    parallel: dict | None = None  # a group's run: {"ranks", "guidance", "sequence", ...} (wan_engine.parallel)
 
 
 def validate(request: GenerationRequest, size_multiple: int, frame_step: int) -> None:
@@ -153,7 +154,7 @@ class Engine:
     """Create and use an engine on one thread: MLX streams belong to the thread that made them (MLX >= 0.31.2)."""
 
     def __init__(self, model, dtype: str | None = None, preset: str = "normal", output_dir="outputs",
-                 download_progress=None, prompt_cache: PromptEmbeddingCache | None = None):
+                 download_progress=None, prompt_cache: PromptEmbeddingCache | None = None, group=None):
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
             raise WanError(f"dtype {dtype!r} is not allowed: choose one of {', '.join(DTYPES)}")
@@ -163,6 +164,8 @@ class Engine:
         self.is_demo = (self.root / "DEMO.txt").is_file()
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.preset = load_preset(preset)
+        self.preset_source = str(preset)  # a name or a path, which the other processes of a group open too
+        self.group = group  # wan_engine.parallel.ParallelGroup of rank 0, whose runs this engine shares; or None
         self.output_dir = Path(output_dir)
         self.transformer_config = self.snapshot.transformer_config
         self.vae_config = self.snapshot.vae_config
@@ -182,6 +185,12 @@ class Engine:
         return DEMO_NOTICE if self.is_demo else None
 
     # -- loading and releasing -------------------------------------------------------------------------------------
+    def part(self, name: str):
+        """A part, loaded if it is not (no progress events): for the other processes of a group."""
+        for _ in self._load(name, {}):
+            pass
+        return self.parts[name]
+
     def _load(self, name: str, timings: dict):
         """Load one part unless it is loaded; yields progress events while it loads."""
         if name in self.parts:
@@ -251,7 +260,7 @@ class Engine:
         yield from self._load("vae", timings)
         self.preview_map = calibrate(self.parts["vae"], self.normalizer, self.vae_config.scale_factor_spatial)
 
-    def _vae_tile(self, width: int, height: int):
+    def vae_tile(self, width: int, height: int):
         tile = self.preset.vae_tile
         return tile if tile is not None and width * height >= tile.get("min_pixels", 0) else None
 
@@ -287,14 +296,19 @@ class Engine:
         errors.Cancelled when `cancel` was set (its memory freed, nothing written)."""
         try:
             yield from self._generate(request, cancel)
-        except Cancelled:
-            gc.collect()
-            mx.clear_cache()
+        except BaseException as error:
+            if self.group is not None and (replacement := self.group.leave(error)) is not None:
+                raise replacement from error
+            if isinstance(error, Cancelled):
+                gc.collect()
+                mx.clear_cache()
             raise
 
     def _generate(self, request: GenerationRequest, cancel: CancelToken | None):
         request = self.with_defaults(request)
         validate(request, self.size_multiple, self.frame_step)
+        if self.group is not None:
+            self.group.check_usable()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         negative = DEFAULT_NEGATIVE_PROMPT if request.negative_prompt is None else request.negative_prompt
         shape = latent_shape(self.vae_config, self.transformer_config, request.width, request.height, request.frames)
@@ -347,12 +361,14 @@ class Engine:
         if preset.release_transformer_before_decode:  # low memory: the VAE is not kept beside the transformer
             self.release("vae")
         self._end_stage(cancel)
+        # A group's other processes take the run from here (wan_engine.parallel), each with its part of the work.
+        plan = None if self.group is None else self.group.start_run(self, request, seed, context, noise, condition)
 
         yield from self._load("transformer", timings)
         scheduler = make_scheduler(request.sampler, request.steps, request.shift, self.scheduler_config,
                                    step_noise_key(seed))
         steps = generate_latents(self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel,
-                                 preset.cfg_batch)
+                                 preset.cfg_batch, plan)
         start = time.perf_counter()
         for i, latents in enumerate(steps, start=1):
             elapsed = time.perf_counter() - start
@@ -376,9 +392,9 @@ class Engine:
                              {"title": request.prompt, "comment": settings})
         try:
             frames_float = []
-            tile = self._vae_tile(request.width, request.height)
+            tile = self.vae_tile(request.width, request.height)
             for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile,
-                                                     preset.vae_frame_by_frame, preset.vae_strip_width):
+                                                     preset.vae_frame_by_frame, preset.vae_strip_width, plan):
                 if frames is not None:
                     output.add(frames_to_uint8(frames))
                     if request.keep_frames:
@@ -403,12 +419,16 @@ class Engine:
             }
             if self.notice:
                 record["notice"] = self.notice
+            parallel = None if plan is None else {
+                **plan.layout.as_dict(), "exchanged_mib_per_step": round(plan.exchanged_bytes_per_step / 2**20, 3)}
+            if parallel:
+                record["parallel"] = parallel
             video_path, sidecar = output.land(record)
         except BaseException:
             output.abort()
             raise
         yield Result(video_path, sidecar, seed, settings, timings, peak, prompt_tokens,
-                     np.concatenate(frames_float) if request.keep_frames else None)
+                     np.concatenate(frames_float) if request.keep_frames else None, parallel)
 
     def output_path(self, request: GenerationRequest, seed: int) -> Path:
         if request.output:

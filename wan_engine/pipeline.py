@@ -99,7 +99,7 @@ def encode_image(vae, normalizer: LatentNormalizer, image: mx.array) -> mx.array
 
 
 def generate_latents(transformer, scheduler, noise, context, guidance: float, condition=None, cancel=None,
-                     cfg_batch: bool = True):
+                     cfg_batch: bool = True, split=None):
     """Denoise `noise` (1, F, H, W, C). Yields the video latents after each step (float32); the last one is
     the result to decode.
 
@@ -107,7 +107,14 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
     guidance pair runs as one batch of two (`cfg_batch`, faster) or as two passes of one (half the activations).
     condition: the normalized first-frame latent for image-to-video, kept fixed as frame 0 with timestep 0 (TI2V's
     `expand_timesteps` conditioning, as diffusers and FastVideo's TI2V denoising do it; with every sampler, DMD too).
+    split: this process's part of a group's run (wan_engine.parallel.RankPlan), or None alone. It runs one branch
+    of the guidance pair (`split.branch`) and exchanges predictions with the other half of the group, and/or its
+    share of the tokens (`split.shard`); every step starts at a checkpoint of the whole group, where rank 0's
+    cancel token reaches the others. All processes keep the same latents.
     """
+    if split is not None and split.branch is not None:
+        context = context[split.branch : split.branch + 1]
+    shard = None if split is None else split.shard
     _, num_frames, height, width, _ = noise.shape
     dtype = transformer.dtype
     rope = transformer.rope(num_frames, height, width)
@@ -121,45 +128,59 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
 
     latents = noise
     for t in scheduler.timesteps:
-        if cancel is not None and cancel.cancelled:
+        if split is not None:
+            split.checkpoint(cancel)
+        elif cancel is not None and cancel.cancelled:
             raise Cancelled()
         x = latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
         timestep = (frame_mask * float(t))[None]
         if cfg_batch:
             x = mx.broadcast_to(x.astype(dtype), (batch, *x.shape[1:]))
-            prediction = transformer(x, mx.broadcast_to(timestep, (batch, num_frames)), kv, rope)
+            prediction = transformer(x, mx.broadcast_to(timestep, (batch, num_frames)), kv, rope, shard)
         else:
-            passes = [transformer(x.astype(dtype), timestep, [(k[i:i + 1], v[i:i + 1]) for k, v in kv], rope)
+            passes = [transformer(x.astype(dtype), timestep, [(k[i:i + 1], v[i:i + 1]) for k, v in kv], rope, shard)
                       for i in range(batch)]
             prediction = mx.concatenate(passes)
-        if batch == 2:
+        if split is not None and split.branch is not None:
+            prediction = split.exchange_branches(prediction)  # (2, ...): the prompt's, the negative prompt's
+        if prediction.shape[0] == 2:
             cond, uncond = prediction[:1], prediction[1:]
             prediction = uncond + guidance * (cond - uncond)
         # the solver keeps evolving its own frame 0; the video's frame 0 is the condition
         latents = scheduler.step(prediction, latents)
         mx.eval(latents)
+        if split is not None:
+            split.unit_done()
         yield latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
 
 
 def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None, tile=None,
-                  frame_by_frame: bool = False, strip_width: int | None = None):
+                  frame_by_frame: bool = False, strip_width: int | None = None, split=None):
     """Decode latents to float32 frames in [0, 1] (diffusers' postprocessing), yielding (done, total, frames):
     untiled, as WanVAE.decode_chunks (one chunk per latent frame, the VAE's causal cache carried along; strips x
     latent frames with `strip_width`), `frames` (T_i, H, W, 3) or None while earlier strips decode; tiled (`tile` =
     {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at the end (`frames`
-    None before). Frames are MLX arrays. `frame_by_frame`, `strip_width`: see WanVAE.decode_chunks."""
+    None before). Frames are MLX arrays. `frame_by_frame`, `strip_width`: see WanVAE.decode_chunks.
+    split: in a group (wan_engine.parallel.RankPlan), untiled, each process decodes its part of the strips and
+    rank 0 gets whole chunks (the others get None); each chunk is a checkpoint, as each denoising step. A tiled
+    decode runs on rank 0 alone."""
 
-    def chunks(z):
-        for done, total, chunk in vae.decode_chunks(z, frame_by_frame, strip_width):
-            if cancel is not None and cancel.cancelled:
+    def chunks(z, split):
+        part = None if split is None else split.decode_part
+        for done, total, chunk in vae.decode_chunks(z, frame_by_frame, strip_width, part):
+            if split is not None:
+                split.checkpoint(cancel)
+                chunk = None if chunk is None else split.gather_columns(chunk)
+                split.unit_done(finished=done == total)
+            elif cancel is not None and cancel.cancelled:
                 raise Cancelled()
             yield done, total, None if chunk is None else mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32)
 
     z = normalizer.denormalize(latents.astype(vae.dtype))
     if tile is None:
-        yield from chunks(z)
+        yield from chunks(z, split)
         return
-    tiles = decode_tiled(lambda z: (np.array(frames) for _, _, frames in chunks(z) if frames is not None), z,
+    tiles = decode_tiled(lambda z: (np.array(frames) for _, _, frames in chunks(z, None) if frames is not None), z,
                          vae.config.scale_factor_spatial, tile["tile"], tile["overlap"])
     for done, total, video in tiles:
         yield done, total, None if video is None else mx.array(video)

@@ -10,12 +10,17 @@ denoising steps (the pipeline calls the model twice per step):
     context = model.cross_attention_kv(model.embed_text(text))  # each block's cross-attention keys / values
     velocity = model(latents, timestep, context, rope)          # per step; timestep (B,) or (B, F)
 
+In a group of processes (wan_engine.parallel) the call takes a sharding hint, `shard`, that splits each timestep
+group's tokens among the processes: each runs the blocks on its own tokens (with their own rotary positions),
+self-attention gathers every process's keys and values, and the output is gathered whole.
+
 Dtypes follow diffusers exactly: the compute dtype (`model.dtype`) is the patch embedding's weight dtype, while
 layer norms, the adaLN modulation (`scale_shift_table` + timestep projection) and the residual updates around
 self-attention and the feed-forward run in float32, then cast back.
 """
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -125,19 +130,23 @@ class WanAttention(nn.Module):
         """(B, ..., dim) -> (B, L, heads, head_dim), flattening all token axes into L."""
         return x.reshape(x.shape[0], -1, self.heads, x.shape[-1] // self.heads)
 
-    def key_value(self, states: mx.array, rope: tuple = None) -> tuple:
-        """Keys and values (B, heads, L, head_dim) of `states`; cross-attention computes these once per run."""
+    def key_value(self, states: mx.array, rope: tuple = None, shard=None) -> tuple:
+        """Keys and values (B, heads, L, head_dim) of `states`; cross-attention computes these once per run. With
+        a `shard`, those of all the processes' tokens."""
         k, v = self._heads(self.norm_k(self.to_k(states))), self._heads(self.to_v(states))
         if rope is not None:
             k = apply_rope(k, *rope)
+        if shard is not None:
+            k, v = shard.gather_keys(k), shard.gather_keys(v)
         return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, kv: tuple = None, rope: tuple = None) -> mx.array:
-        """Self-attention over x's tokens (with `rope`), or cross-attention to precomputed `kv`. Keeps x's shape."""
+    def __call__(self, x: mx.array, kv: tuple = None, rope: tuple = None, shard=None) -> mx.array:
+        """Self-attention over x's tokens (with `rope`; with a `shard`, x's queries over every process's tokens),
+        or cross-attention to precomputed `kv`. Keeps x's shape."""
         q = self._heads(self.norm_q(self.to_q(x)))
         if rope is not None:
             q = apply_rope(q, *rope)
-        k, v = self.key_value(x, rope) if kv is None else kv
+        k, v = self.key_value(x, rope, shard) if kv is None else kv
         out = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k, v, scale=self.scale)
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(x.shape))
 
@@ -180,16 +189,17 @@ class WanTransformerBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps)
         self.scale_shift_table = mx.zeros((1, 6, dim))
 
-    def __call__(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
+    def __call__(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple, shard=None) -> mx.array:
         """x (B, G, N, dim): tokens grouped by timestep (G = 1, or one per frame); timestep_proj (B, G, 6, dim)."""
-        for step in self.steps():
+        for step in self.steps(shard):
             x = step(x, timestep_proj, kv, rope)
         return x
 
-    def steps(self) -> tuple:
+    def steps(self, shard=None) -> tuple:
         """The block's three residual steps, each (x, timestep_proj, kv, rope) -> x; a low-memory run evaluates
-        after each one."""
-        return self.self_attention, self.cross_attention, self.feed_forward
+        after each one. Self-attention is bound to the `shard` of a group's run."""
+        self_attention = self.self_attention if shard is None else partial(self.self_attention, shard=shard)
+        return self_attention, self.cross_attention, self.feed_forward
 
     def modulation(self, timestep_proj: mx.array, first: int) -> list:
         """Three of the six adaLN terms from `first` on: (shift, scale, gate) of self-attention (0) or of the
@@ -198,10 +208,10 @@ class WanTransformerBlock(nn.Module):
         # only the three terms used are split off: mx.compile fails on a split whose outputs are not all used
         return mx.split(modulation[:, :, first:first + 3], 3, axis=2)
 
-    def self_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
+    def self_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple, shard=None) -> mx.array:
         shift, scale, gate = self.modulation(timestep_proj, 0)
         norm_x = (self.norm1(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
-        return (x.astype(mx.float32) + self.attn1(norm_x, rope=rope) * gate).astype(x.dtype)
+        return (x.astype(mx.float32) + self.attn1(norm_x, rope=rope, shard=shard) * gate).astype(x.dtype)
 
     def cross_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         # diffusers adds this residual in the compute dtype, not float32
@@ -236,7 +246,7 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, config.eps)
         self.proj_out = nn.Linear(dim, out_channels)
         self.scale_shift_table = mx.zeros((1, 2, dim))
-        self._compiled_blocks = None  # set by compile()
+        self._compiled_blocks = None  # set by compile(): sharding hint (None alone) -> each block's compiled steps
         # True: blocks run one ahead (fastest, two blocks' activations); False: each residual step of a block is
         # evaluated on its own (least memory). Set before compile().
         self.block_lookahead = True
@@ -249,11 +259,22 @@ class WanTransformer(nn.Module):
     def compile(self) -> None:
         """Run each block (or, without `block_lookahead`, each of its residual steps) as an `mx.compile`d graph: its
         many float32 elementwise steps (modulation, norms, gates, residuals) fuse into few kernels. The weights are
-        captured as constants, so call this after loading."""
-        self._compiled_blocks = [[mx.compile(step) for step in self._block_steps(block)] for block in self.blocks]
+        captured as constants, so call this after loading. A group's runs compile theirs on first use."""
+        self._compiled_blocks = {}
 
-    def _block_steps(self, block: WanTransformerBlock) -> tuple:
-        return (block,) if self.block_lookahead else block.steps()
+    def _block_steps(self, block: WanTransformerBlock, shard) -> tuple:
+        if self.block_lookahead:
+            return (block,) if shard is None else (partial(block, shard=shard),)
+        return block.steps(shard)
+
+    def _steps(self, shard) -> list:
+        """Each block's steps for this sharding hint, compiled when compile() was called."""
+        if self._compiled_blocks is None:
+            return [self._block_steps(block, shard) for block in self.blocks]
+        if shard not in self._compiled_blocks:
+            self._compiled_blocks[shard] = [[mx.compile(step) for step in self._block_steps(block, shard)]
+                                            for block in self.blocks]
+        return self._compiled_blocks[shard]
 
     def _token_grid(self, num_frames: int, height: int, width: int) -> tuple:
         p_t, p_h, p_w = self.config.patch_size
@@ -275,13 +296,14 @@ class WanTransformer(nn.Module):
         """Context (B, L, dim) from `embed_text` -> each block's cross-attention (key, value), (B, heads, L, hd)."""
         return [block.attn2.key_value(context) for block in self.blocks]
 
-    def __call__(self, latents: mx.array, timestep: mx.array, context, rope: tuple) -> mx.array:
+    def __call__(self, latents: mx.array, timestep: mx.array, context, rope: tuple, shard=None) -> mx.array:
         """One denoiser evaluation.
 
         latents: (B, F, H, W, in_channels). timestep: (B,) one per sample, or (B, F // p_t) one per latent frame
         (diffusers' per-token `expand_timesteps` input is constant within a frame, so the timestep embedding and the
         modulation are computed per frame and broadcast over its tokens). context: `cross_attention_kv(...)` output,
-        or the `embed_text(...)` array. rope: `self.rope(F, H, W)`.
+        or the `embed_text(...)` array. rope: `self.rope(F, H, W)`. shard: a group's sharding hint
+        (wan_engine.parallel.TokenShard) or None.
         Returns (B, F, H, W, out_channels) in the compute dtype.
         """
         dtype = self.dtype
@@ -300,26 +322,35 @@ class WanTransformer(nn.Module):
         timestep_proj = timestep_proj.reshape(*timestep.shape, 6, -1)  # (B, G, 6, dim)
 
         x = x.reshape(batch, groups, -1, x.shape[-1])  # (B, G, tokens per group, dim)
+        if shard is not None:  # this process's tokens of each group, and their rotary positions
+            x, rope = shard.split(x), shard.split_rope(rope)
         # Evaluate piece by piece: a GPU backend keeps every intermediate buffer of the work it was given until that
         # work completes, so one graph of all blocks would hold all their activations (16 GiB at 1280x704x17). With
         # `block_lookahead` the next block is queued while one runs (two blocks' worth, no idle GPU); without, each
         # residual step is evaluated on its own (the largest step's worth).
+        # In a group, each evaluation holds this process's key / value exchange: the shard hears of its progress.
         pending = None
-        for steps, kv in zip(self._compiled_blocks or [self._block_steps(block) for block in self.blocks], context):
+        for steps, kv in zip(self._steps(shard), context):
             for step in steps:
                 x = step(x, timestep_proj, kv, rope)
                 if not self.block_lookahead:
                     mx.eval(x)
+                    if shard is not None:
+                        shard.progress()
             if self.block_lookahead:
                 mx.async_eval(x)
                 if pending is not None:
                     mx.eval(pending)
+                    if shard is not None:
+                        shard.progress()
                 pending = x
 
         # Output norm with the final float32 modulation, projection, unpatchify
         shift, scale = mx.split(self.scale_shift_table.astype(mx.float32) + temb[:, :, None], 2, axis=2)
         x = (self.norm_out(x.astype(mx.float32)) * (1 + scale) + shift).astype(dtype)
         x = self.proj_out(x)
+        if shard is not None:
+            x = shard.gather_tokens(x)
 
         p_t, p_h, p_w = self.config.patch_size
         x = x.reshape(batch, f, h, w, p_t, p_h, p_w, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)

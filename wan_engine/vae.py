@@ -180,8 +180,8 @@ class WanVAE(nn.Module):
             mx.eval(means[-1], cache.arrays())
         return mx.concatenate(means, axis=1)
 
-    def decode_chunks(self, z: mx.array, frame_by_frame: bool = False,
-                      strip_width: int | None = None) -> Iterator[tuple[int, int, mx.array | None]]:
+    def decode_chunks(self, z: mx.array, frame_by_frame: bool = False, strip_width: int | None = None,
+                      part: tuple[int, int] | None = None) -> Iterator[tuple[int, int, mx.array | None]]:
         """z (B, t, h, w, z_dim), unnormalized -> the video, one chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1]
         (T_0 = 1 and T_i = 4 after it for Wan's VAEs: 1 + 4 (t - 1) frames in all). Yields (done, total, chunk)
         after each piece of work, `chunk` None until one is complete; each is evaluated, so between items the
@@ -198,11 +198,17 @@ class WanVAE(nn.Module):
 
         `frame_by_frame`: after each temporal upsampling the frames go on one at a time (WanDecoder3d), the last
         stage op by op: the same numbers with less memory.
+
+        `part` = (index, count): the processes of a group decode one part each. The strips are laid out in a
+        multiple of `count` (`strip_layout`) and this call decodes the `index`-th run of them, left to right, its
+        chunks holding only those columns: the parts' chunks side by side are the whole video's.
         """
         decoder, p = self.decoder, self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
         width = x.shape[3]
-        strips = strip_layout(width, strip_width, decoder.strip_margin)
+        index, count = part or (0, 1)
+        strips = strip_layout(width, strip_width, decoder.strip_margin, count)
+        strips = strips[index * len(strips) // count : (index + 1) * len(strips) // count]
         stages = len(decoder.stages) if frame_by_frame else 1
         done, total = 0, len(strips) * x.shape[1]
         columns = [[] for _ in range(x.shape[1])]  # per latent frame, its strips decoded so far
@@ -241,10 +247,13 @@ class WanVAE(nn.Module):
         return mx.concatenate([chunk for _, _, chunk in chunks if chunk is not None], axis=1)
 
 
-def strip_layout(width: int, strip_width: int | None, margin: int) -> list[tuple[int, int, int, int]]:
+def strip_layout(width: int, strip_width: int | None, margin: int, multiple: int = 1) -> list[tuple[int, int, int, int]]:
     """Vertical strips of at most `strip_width` columns, as even as can be, covering `width` latent columns:
     (start, end) of each strip's own columns and (low, high) of those it decodes, `margin` more on each side
-    within the frame."""
+    within the frame. `multiple`: their count is a multiple of this (the processes of a group share them)."""
     count = 1 if not strip_width else -(-width // strip_width)
+    count = -(-count // multiple) * multiple
+    if count > width:
+        raise ValueError(f"{width} latent columns cannot make {count} strips")
     bounds = [round(i * width / count) for i in range(count + 1)]
     return [(a, b, max(a - margin, 0), min(b + margin, width)) for a, b in zip(bounds[:-1], bounds[1:])]
