@@ -3,6 +3,7 @@
     python app.py                 # the official model (downloaded on first use), at http://127.0.0.1:7860
     python app.py --demo          # the offline demo model: tiny and random, shows the app working in seconds
     python app.py --share --auth me:secret   # a temporary public link, with a password
+    mlx.launch -n 2 -- python app.py         # two processes share each video; rank 0 serves the page
 
 The model loads on the first Generate, with its progress on the page. Only the output folder's files are served.
 """
@@ -53,13 +54,27 @@ def exposure_warning(args: argparse.Namespace) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from wan_engine import WanError, join_group
+
+    model = "demo" if args.demo else args.model
+    try:
+        group = join_group(serving=True)  # under mlx.launch: this process's place in the group; None alone
+        if group is not None and not group.is_owner:  # the others work on rank 0's requests, and serve no page
+            group.serve(model, args.preset, None)
+            return 0
+    except WanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     from ui import CSS, StudioConfig, build_app  # here: Gradio and MLX take seconds to import, --help need not wait
 
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     if warning := exposure_warning(args):
         print(warning, file=sys.stderr)
-    app = build_app(StudioConfig(model="demo" if args.demo else args.model, preset=args.preset, output_dir=output_dir))
+    if group is not None:
+        print(f"Waiting for the {group.size - 1} other processes of the group to open the model", flush=True)
+        group.wait_for_all()
+    app = build_app(StudioConfig(model=model, preset=args.preset, output_dir=output_dir, group=group))
     app.queue(max_size=args.queue_size)
     try:
         _, local_url, share_url = app.launch(

@@ -13,6 +13,7 @@ class StudioConfig:
     model: str  # as the engine's resolve_model accepts: "demo", a folder or a Hugging Face repo id
     preset: str  # the memory preset new sessions start with
     output_dir: Path
+    group: object = None  # wan_engine.ParallelGroup when mlx.launch started the app (this is rank 0), else None
 
     @property
     def demo(self) -> bool:

@@ -10,8 +10,9 @@ from wan_engine.engine import Engine
 
 
 class EngineCache:
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, group=None):
         self.output_dir = output_dir
+        self.group = group  # the process group whose runs the engine shares, or None
         self.key = None  # (model, preset) of the open engine
         self.engine = None
 
@@ -23,7 +24,7 @@ class EngineCache:
             self.release()
             report(f"Opening the model {model} ({preset} memory preset)")
             self.engine = Engine(model, preset=preset, output_dir=self.output_dir,
-                                 download_progress=DownloadReport(report))
+                                 download_progress=DownloadReport(report), group=self.group)
             self.key = (model, preset)
         return self.engine
 

@@ -33,7 +33,9 @@ STOP_WAIT_S = 30  # Stop reports once the run has ended (within a step), or that
 class Studio:
     def __init__(self, config: StudioConfig):
         self.config = config
-        self.engines = EngineCache(config.output_dir)
+        self.engines = EngineCache(config.output_dir, config.group)
+        if config.group is not None:  # a process of the group stopped answering: this process keeps serving
+            config.group.on_timeout = self.group_broke
         self.engine_thread = EngineThread()
         self.first_frames_dir = config.output_dir / "inputs"
         self.previews_dir = Path(tempfile.mkdtemp(prefix="wan-studio-previews-"))
@@ -125,6 +127,9 @@ class Studio:
     # -- running ---------------------------------------------------------------------------------------------------
     def run(self, generation: GenerationRequest, options: dict, session: str):
         """Queue one run on the engine's thread and stream its updates (see runs.py: it outlives the page)."""
+        group = self.config.group
+        if group is not None and group.broken:  # its engine's thread may be stuck in a collective for good
+            raise gr.Error(group.broken_message())
         yield progress_update(waiting_text("Starting"))
         run = self.engine_thread.start(
             session, lambda run: self.generate(generation, options, run),
@@ -167,6 +172,11 @@ class Studio:
             run.outcome = failed_text(message)
             yield progress_update(run.outcome, preview)
             raise gr.Error(message) from None
+
+    def group_broke(self, message: str) -> None:
+        """From the group's watchdog: the engine's thread waits for a process that stopped answering, for good."""
+        log.error(message)
+        self.engine_thread.abandon(progress_update(failed_text(message)), gr.Error(message))
 
     # -- the page's helpers (not part of the API) -----------------------------------------------------------------
     def history(self):

@@ -59,9 +59,14 @@ def finished_text(result) -> str:
         if key in timings:
             per_step = f" ({timings['denoise_s_per_step']:.2f} s/step)" if key == "denoise_s" else ""
             stages.append(f"{label} {seconds(timings[key])}{per_step}")
+    shared = ""
+    if result.parallel:
+        layout = result.parallel
+        shared = (f"{layout['ranks']} processes (guidance x{layout['guidance']}, sequence x{layout['sequence']}), "
+                  "peak memory of rank 0 ")
     return (
         f"**Done** in {seconds(timings['total_s'])} · seed {result.seed} · "
-        f"peak memory {result.peak_memory_gib:.2f} GiB · saved as `{result.video_path.name}`  \n"
+        f"{shared or 'peak memory '}{result.peak_memory_gib:.2f} GiB · saved as `{result.video_path.name}`  \n"
         + " · ".join(stages) + "  \n" + tokens_text(result.prompt_tokens)
     )
 

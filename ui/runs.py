@@ -73,9 +73,21 @@ class EngineThread:
                 run.send(_Failed(error))
             finally:
                 with self._runs_lock:
-                    self._runs.remove(run)
+                    if run in self._runs:  # not abandoned
+                        self._runs.remove(run)
                 run.send(_Finished())
                 run.finished.set()
+
+    def abandon(self, update, error: BaseException) -> None:
+        """The engine's thread is stuck for good (a process of the engine's group stopped answering, and the
+        collective it waits in never returns): every run it holds streams `update`, then ends with `error`."""
+        with self._runs_lock:
+            runs, self._runs = self._runs, []
+        for run in runs:
+            run.send(update)
+            run.send(_Failed(error))
+            run.send(_Finished())
+            run.finished.set()
 
     def stop(self, session: str) -> list[Run]:
         """Cancel `session`'s runs (each ends at its next check of the token); returns them."""

@@ -13,8 +13,9 @@ from .errors import Cancelled, WanError  # noqa: E402
 from .images import open_image  # noqa: E402
 from .cache_files import partial_name  # noqa: E402
 from .video import remove_stale_partials  # noqa: E402
+from .parallel import ParallelGroup, join as join_group  # noqa: E402
 
 __all__ = [
-    "CancelToken", "Cancelled", "Engine", "GenerationRequest", "ProgressEvent", "Result", "WanError", "open_image",
-    "partial_name", "remove_stale_partials",
+    "CancelToken", "Cancelled", "Engine", "GenerationRequest", "ParallelGroup", "ProgressEvent", "Result", "WanError",
+    "join_group", "open_image", "partial_name", "remove_stale_partials",
 ]

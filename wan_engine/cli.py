@@ -90,9 +90,7 @@ def run_generate(args) -> int:
 
     group = join()  # under mlx.launch: this process's place in its group; None alone
     if group is not None and not group.is_owner:
-        engine = Engine(args.model, dtype=args.dtype, preset=args.preset)
-        group.wait_for_all()
-        group.serve(lambda model, preset, dtype: Engine(model, dtype=dtype, preset=preset), engine)
+        group.serve(args.model, args.preset, args.dtype)
         return 0
 
     latents = None

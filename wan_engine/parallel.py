@@ -32,6 +32,7 @@ same. A broken group stays broken: restart it with mlx.launch.
 import io
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from functools import cached_property
 import mlx.core as mx
 import numpy as np
 
+from .engine import Engine
 from .errors import Cancelled, WanError
 from .pipeline import decode_frames, generate_latents, step_noise_key
 from .scheduler import make_scheduler
@@ -53,15 +55,22 @@ GO, STOP, FAILED = 0, 1, 2
 BACKEND_ERRORS = ("[ring]", "[nccl]", "[jaccl]", "[mpi]")  # how MLX's collectives begin their errors
 
 
-def join():
-    """The group `mlx.launch` started this process in, or None when it runs alone (or in a group of one)."""
+def join(serving: bool = False):
+    """The group `mlx.launch` started this process in, or None when it runs alone (or in a group of one). Call it
+    on the main thread: it answers mlx.launch's SIGTERM (`ParallelGroup.stopped_by_launcher`); `serving`: rank 0
+    serves the app, which keeps running when the group breaks."""
     if "MLX_RANK" not in os.environ:
         return None
     try:
         group = mx.distributed.init(strict=True)
     except RuntimeError as error:
         raise WanError(f"mlx.launch started this process but its group could not be joined: {error}") from None
-    return ParallelGroup(group) if group.size() > 1 else None
+    if group.size() == 1:
+        return None
+    parallel = ParallelGroup(group)
+    keep_running = serving and parallel.is_owner
+    signal.signal(signal.SIGTERM, lambda signum, frame: parallel.stopped_by_launcher(keep_running))
+    return parallel
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ class ParallelGroup:
         return f"the group of {self.size} processes is broken: {self.broken}. Restart it with mlx.launch"
 
     def _exit(self, message: str) -> None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"\nerror: {message}", file=sys.stderr, flush=True)  # on a line of its own after a progress bar
         os._exit(1)
 
     def communication_failed(self, error: BaseException) -> bool:
@@ -154,6 +163,17 @@ class ParallelGroup:
         if isinstance(error, RuntimeError) and str(error).startswith(BACKEND_ERRORS):
             self.broken = self.broken or f"{error} (a process of the group ended, or its machine went away)"
         return self.broken is not None
+
+    def stopped_by_launcher(self, keep_running: bool) -> None:
+        """SIGTERM: mlx.launch stops every process of a group once one of them exits with an error (the group's
+        own error, if a collective said so first, is kept). Raises the WanError that ends this process's work,
+        unless it is to `keep_running` (the app's rank 0, which goes on serving and says the group is broken;
+        a second SIGTERM ends it as Ctrl+C does)."""
+        if keep_running and self.broken:
+            raise KeyboardInterrupt
+        self.broken = self.broken or "mlx.launch is stopping the group (one of its processes exited)"
+        if not keep_running:
+            raise WanError(self.broken_message())
 
     def check_usable(self) -> None:
         if self.broken:
@@ -256,9 +276,12 @@ class ParallelGroup:
             self._broadcast(pack({"kind": "quit"}, {}), "releasing the others")
 
     # -- the others --------------------------------------------------------------------------------------------------
-    def serve(self, open_engine, engine=None) -> None:
-        """Run rank 0's requests until it releases this process. `open_engine(model, preset, dtype)` opens an
-        Engine (`engine`: one already open). Raises WanError when the group breaks."""
+    def serve(self, model: str, preset: str, dtype: str | None) -> None:
+        """The other processes: open the model as rank 0 will (all wait until every one has: a first use may
+        download it), then run rank 0's requests until it releases this process. Raises WanError when the group
+        breaks."""
+        engine = Engine(model, dtype=dtype, preset=preset)
+        self.wait_for_all()
         while True:
             header, arrays = unpack(self._broadcast(None, None))
             if header["kind"] == "quit":
@@ -269,7 +292,7 @@ class ParallelGroup:
                     if engine is not None:
                         engine.release()
                     engine = None
-                    engine = open_engine(*key)
+                    engine = Engine(key[0], dtype=key[2], preset=key[1])
             except WanError as error:  # the others learn it at the run's first checkpoint
                 try:
                     self.checkpoint(error=str(error))
