@@ -115,6 +115,7 @@ class ParallelGroup:
         # since its own thread stays blocked in the collective. The app's rank 0 fails the run and keeps serving.
         self.on_timeout = self._exit
         self.run: RankPlan | None = None  # the run in progress, between its start and its last exchange
+        self.stopped_once = False  # mlx.launch sent its SIGTERM
         self._watch = threading.Condition()
         self._waiting_for: str | None = None  # what this process waits for the others in, while it does
         self._deadline = 0.0
@@ -169,8 +170,9 @@ class ParallelGroup:
         own error, if a collective said so first, is kept). Raises the WanError that ends this process's work,
         unless it is to `keep_running` (the app's rank 0, which goes on serving and says the group is broken;
         a second SIGTERM ends it as Ctrl+C does)."""
-        if keep_running and self.broken:
+        if keep_running and self.stopped_once:
             raise KeyboardInterrupt
+        self.stopped_once = True
         self.broken = self.broken or "mlx.launch is stopping the group (one of its processes exited)"
         if not keep_running:
             raise WanError(self.broken_message())
