@@ -2,11 +2,12 @@
 temporary folder, its output kept in a log that failures quote."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +33,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(root: Path):
-    """Start the app (the demo model is built on first use, in WAN_STUDIO_CACHE) and stop it afterwards."""
+def running_app(root: Path, launcher: list = ()):
+    """Start the app (the demo model is built on first use, in WAN_STUDIO_CACHE) and stop it afterwards.
+    `launcher`: the command it runs under (mlx.launch ... --), in a session of its own that ends with it."""
     output_dir, log = root / "outputs", root / "server.log"
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-files")}
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "app.py", "--demo", "--port", str(port), "--output-dir", str(output_dir)],
+            [*launcher, sys.executable, "app.py", "--demo", "--port", str(port), "--output-dir", str(output_dir)],
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if launcher else None, start_new_session=bool(launcher),
         )
     server = AppServer(f"http://127.0.0.1:{port}/", output_dir, process, log)
     try:
@@ -51,6 +54,9 @@ def running_app(root: Path):
             time.sleep(0.2)
         yield server
     finally:
+        if launcher:  # mlx.launch and every process it started
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         process.terminate()
         try:
             process.wait(timeout=15)
