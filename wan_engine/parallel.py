@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -116,6 +117,7 @@ class ParallelGroup:
         self.on_timeout = self._exit
         self.run: RankPlan | None = None  # the run in progress, between its start and its last exchange
         self.stopped_once = False  # mlx.launch sent its SIGTERM
+        self.engine = None  # the other processes' engine, kept between runs (and between calls of `serve`)
         self._watch = threading.Condition()
         self._waiting_for: str | None = None  # what this process waits for the others in, while it does
         self._deadline = 0.0
@@ -172,10 +174,13 @@ class ParallelGroup:
         a second SIGTERM ends it as Ctrl+C does)."""
         if keep_running and self.stopped_once:
             raise KeyboardInterrupt
-        self.stopped_once = True
+        self.stopped_once, already_known = True, self.broken is not None
         self.broken = self.broken or "mlx.launch is stopping the group (one of its processes exited)"
-        if not keep_running:
-            raise WanError(self.broken_message())
+        if keep_running:
+            return
+        if self.run is None:  # no run to clean up: waiting for one, or done (and the error said, if known)
+            os._exit(1) if already_known else self._exit(self.broken_message())
+        raise WanError(self.broken_message())
 
     def check_usable(self) -> None:
         if self.broken:
@@ -282,24 +287,24 @@ class ParallelGroup:
         """The other processes: open the model as rank 0 will (all wait until every one has: a first use may
         download it), then run rank 0's requests until it releases this process. Raises WanError when the group
         breaks."""
-        engine = Engine(model, dtype=dtype, preset=preset)
-        self.wait_for_all()
+        if self.engine is None:
+            self._engine_for(model, preset, dtype)
+            self.wait_for_all()
         while True:
-            header, arrays = unpack(self._broadcast(None, None))
+            try:
+                header, arrays = unpack(self._broadcast(None, None))
+            except RuntimeError as error:
+                if self.communication_failed(error):
+                    raise WanError(self.broken_message()) from None
+                raise
             if header["kind"] == "quit":
                 return
-            key = (header["model"], header["preset"], header["dtype"])
             try:
-                if engine is None or (engine.model, engine.preset_source, engine.dtype_name) != key:
-                    if engine is not None:
-                        engine.release()
-                    engine = None
-                    engine = Engine(key[0], dtype=key[2], preset=key[1])
-            except WanError as error:  # the others learn it at the run's first checkpoint
-                try:
+                engine = self._engine_for(header["model"], header["preset"], header["dtype"])
+            except WanError as error:  # the others learn it at the run's first checkpoint (which raises it here)
+                with suppress(WanError):
                     self.checkpoint(error=str(error))
-                except WanError:
-                    continue
+                continue
             try:
                 self.run = RankPlan(self, Layout(**header["layout"]), engine, header["request"])
                 follow(engine, self.run, arrays)
@@ -309,6 +314,17 @@ class ParallelGroup:
                     raise replacement from error
                 if not isinstance(error, (Cancelled, WanError)):
                     raise
+
+
+    def _engine_for(self, model: str, preset: str, dtype: str | None) -> Engine:
+        """The others' engine, opened again when rank 0's model, preset or dtype is another."""
+        engine = self.engine
+        if engine is None or (engine.model, engine.preset_source, engine.dtype_name) != (model, preset, dtype):
+            if engine is not None:
+                engine.release()
+            self.engine = engine = None
+            self.engine = Engine(model, dtype=dtype, preset=preset)
+        return self.engine
 
 
 def follow(engine, plan: "RankPlan", arrays: dict) -> None:
