@@ -145,6 +145,7 @@ def main():
     if group.is_owner:
         shared = Engine(root, dtype=dtype, output_dir=out_dir / "shared", prompt_cache=prompts, group=group)
         group.wait_for_all()  # the others open theirs in their first `serve`
+    out = Path(args.out or Path(__file__).parent / "results" / f"{date.today().isoformat()}-distributed-{group.size}.json")
     for case in all_cases:
         mx.reset_peak_memory()
         if group.is_owner:
@@ -156,27 +157,28 @@ def main():
         if group.is_owner:
             two_gpus[case["name"]] = {**result, "peak_gib_per_process": peaks}
             log(f"{case['name']} on two: {json.dumps(two_gpus[case['name']])}")
-    if not group.is_owner:
-        return
+            write_report(out, group.size, args.tiny, dtype, [c for c in all_cases if c["name"] in two_gpus], one_gpu,
+                         two_gpus)
 
-    report = {"date": date.today().isoformat(), "mlx": mx.__version__, "dtype": dtype, "device": str(mx.default_device()),
-              "processes": group.size, "tiny": args.tiny, "cases": []}
-    for case in all_cases:
+
+def write_report(out: Path, processes: int, tiny: bool, dtype: str, done: list, one_gpu: dict, two_gpus: dict) -> None:
+    """The cases measured so far on two GPUs, against one, with the speed-ups and the goals."""
+    report = {"date": date.today().isoformat(), "mlx": mx.__version__, "dtype": dtype,
+              "device": str(mx.default_device()), "processes": processes, "tiny": tiny, "cases": []}
+    for case in done:
         one, two = one_gpu[case["name"]], two_gpus[case["name"]]
         entry = {**{k: case[k] for k in ("name", "width", "height", "frames", "steps", "guidance")},
-                 "one_gpu": one, "two_gpus": two,
-                 "speedup_per_step": round(one["s_per_step"] / two["s_per_step"], 3)}
+                 "one_gpu": one, "two_gpus": two, "speedup_per_step": round(one["s_per_step"] / two["s_per_step"], 3)}
         if case["whole"]:
             entry["speedup_total"] = round(one["total_s"] / two["total_s"], 3)
         entry["goals"] = {measure_name: {"asked": goal, "reached": entry[f"speedup_{measure_name}"] >= goal}
                           for (name, measure_name), goal in GOALS.items() if name == case["name"]}
         report["cases"].append(entry)
-        log(f"{case['name']}: x{entry['speedup_per_step']} per step"
-            + (f", x{entry['speedup_total']} end to end" if case["whole"] else ""))
-    out = Path(args.out or Path(__file__).parent / "results" / f"{report['date']}-distributed-{group.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    log(f"wrote {out}")
+    last = report["cases"][-1]
+    log(f"{last['name']}: x{last['speedup_per_step']} per step"
+        + (f", x{last['speedup_total']} end to end" if "speedup_total" in last else "") + f" (written to {out})")
 
 
 if __name__ == "__main__":
