@@ -54,12 +54,14 @@ def exposure_warning(args: argparse.Namespace) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ui import CSS, StudioConfig, build_app  # here: Gradio and MLX take seconds to import, --help need not wait
+    from wan_engine import recommended_settings
 
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     if warning := exposure_warning(args):
         print(warning, file=sys.stderr)
-    app = build_app(StudioConfig(model="demo" if args.demo else args.model, preset=args.preset, output_dir=output_dir))
+    model = "demo" if args.demo else args.model
+    app = build_app(StudioConfig(model, args.preset, output_dir, recommended_settings(model)))
     app.queue(max_size=args.queue_size)
     try:
         _, local_url, share_url = app.launch(

@@ -19,6 +19,11 @@ from .config import StudioConfig
 from .form import Form, build_form
 from .handlers import Studio
 
+SPEEDS = {"Quality": "unipc", "Fast, 3 steps": "dmd"}  # choice -> sampler
+SPEED_HELP = ("Fast: 3 distilled steps without guidance (DMD), for FastWan models or the base model with a "
+              "distillation LoRA; on the base model alone it is quick but rough. Quality: Wan's 50 steps.")
+SAMPLER_HELP = ("unipc: Wan's default. euler: simpler, needs more steps. dmd: few-step distilled sampling "
+                "(FastVideo's). Picking one sets its steps, guidance and shift.")
 TEXT_EXAMPLES = [
     "A corgi runs along a sunny beach as waves roll in, slow motion, golden hour",
     "Time-lapse of clouds drifting over snowy mountain peaks at sunrise",
@@ -75,9 +80,9 @@ def build_app(config: StudioConfig) -> gr.Blocks:
                         text_form = build_form(config, TEXT_EXAMPLES, for_image=False)
                     with gr.Tab("Image to video", id="image"):
                         image_form = build_form(config, IMAGE_EXAMPLES, for_image=True)
+                speed = gr.Radio(list(SPEEDS), value=speed_of(config.sampler), label="Speed", info=SPEED_HELP)
                 with gr.Accordion("Sampler, memory and live preview", open=False):
-                    sampler = gr.Radio(list(SAMPLERS), value="unipc", label="Sampler",
-                                       info="unipc: Wan's default. euler: simpler, needs more steps.")
+                    sampler = gr.Radio(list(SAMPLERS), value=config.sampler, label="Sampler", info=SAMPLER_HELP)
                     preset = gr.Radio(available_presets(), value=config.preset, label="Memory preset",
                                       info=preset_help())
                     live_preview = gr.Checkbox(True, label="Live preview",
@@ -91,13 +96,14 @@ def build_app(config: StudioConfig) -> gr.Blocks:
               options, queue=False, api_visibility="private")
         live_preview.change(lambda on: gr.Image(visible=on), live_preview, results.preview, queue=False,
                             api_visibility="private")
+        wire_speed(config, speed, sampler, text_form, image_form)
         wire_generation(text_form, studio.text_to_video, "text_to_video", options, results, past, studio)
         wire_generation(image_form, studio.image_to_video, "image_to_video", options, results, past, studio)
         # Stop sets the run's cancel token, and the run's own stream ends with "Stopped at step i/N". (Gradio's
         # `cancels` would cut that stream instead, racing its last updates against Stop's message.)
         gr.on([text_form.stop.click, image_form.stop.click], studio.stop, None, results.progress, api_name="stop",
               concurrency_limit=None)
-        wire_history(past, studio, config, tabs, sampler, text_form, image_form)
+        wire_history(past, studio, config, tabs, speed, sampler, text_form, image_form)
         app.load(studio.history, None, [past.gallery, past.records], api_visibility="private")
         # The browser draws an empty number as 0 until the server sends it a value; send "none yet".
         app.load(lambda: None, None, results.seed, queue=False, api_visibility="private")
@@ -119,6 +125,25 @@ def header_text(config: StudioConfig) -> str:
 def preset_help() -> str:
     descriptions = " ".join(f"{name}: {load_preset(name).description}" for name in available_presets())
     return f"{descriptions} A change reloads the model on the next run."
+
+
+def speed_of(sampler: str) -> str:
+    return "Fast, 3 steps" if sampler == "dmd" else "Quality"
+
+
+def wire_speed(config: StudioConfig, speed, sampler, text_form: Form, image_form: Form) -> None:
+    """A speed or sampler picked on the page sets the other, and both tabs' steps, guidance and shift to what
+    goes with the sampler on this model (FastWan's 3 steps without guidance for dmd)."""
+    fields = [getattr(form, name) for form in (text_form, image_form) for name in ("steps", "guidance", "shift")]
+
+    def settings(name: str) -> list:
+        values = config.sampler_settings(name)
+        return [values[key] for _ in range(2) for key in ("steps", "guidance", "shift")]
+
+    speed.input(lambda choice: [SPEEDS[choice], *settings(SPEEDS[choice])], speed, [sampler, *fields],
+                queue=False, api_visibility="private")
+    sampler.input(lambda name: [speed_of(name), *settings(name)], sampler, [speed, *fields], queue=False,
+                  api_visibility="private")
 
 
 def run_options(sampler: str, preset: str, preview: bool) -> dict:
@@ -173,7 +198,7 @@ def wire_generation(form: Form, handler, api_name: str, options, results: Result
                api_visibility="private")
 
 
-def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, sampler, text_form: Form,
+def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, speed, sampler, text_form: Form,
                  image_form: Form) -> None:
     past.refresh.click(studio.history, None, [past.gallery, past.records], api_visibility="private")
 
@@ -194,7 +219,8 @@ def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, samp
         other_form = text_form if for_image else image_form
         skipped = [gr.skip()] * len(other_form.restorable)
         forms = [*skipped, *filled] if for_image else [*filled, *skipped]
-        return gr.Tabs(selected="image" if for_image else "text"), record["settings"]["sampler"], *forms
+        sampler_used = record["settings"]["sampler"]
+        return gr.Tabs(selected="image" if for_image else "text"), speed_of(sampler_used), sampler_used, *forms
 
-    past.restore.click(restore, past.picked, [tabs, sampler, *text_form.restorable, *image_form.restorable],
+    past.restore.click(restore, past.picked, [tabs, speed, sampler, *text_form.restorable, *image_form.restorable],
                        api_visibility="private")

@@ -8,7 +8,9 @@
 
 __version__ = "0.1.0"
 
-from .engine import CancelToken, Engine, GenerationRequest, ProgressEvent, Result  # noqa: E402
+from .engine import (  # noqa: E402
+    CancelToken, Engine, GenerationRequest, ProgressEvent, Result, recommended_settings,
+)
 from .errors import Cancelled, WanError  # noqa: E402
 from .images import open_image  # noqa: E402
 from .cache_files import partial_name  # noqa: E402
@@ -16,5 +18,5 @@ from .video import remove_stale_partials  # noqa: E402
 
 __all__ = [
     "CancelToken", "Cancelled", "Engine", "GenerationRequest", "ProgressEvent", "Result", "WanError", "open_image",
-    "partial_name", "remove_stale_partials",
+    "partial_name", "recommended_settings", "remove_stale_partials",
 ]

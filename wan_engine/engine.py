@@ -21,7 +21,8 @@ import numpy as np
 from . import __version__
 from .demo import DEMO_NOTICE, cache_root
 from .errors import Cancelled, WanError
-from .hub import resolve_model
+from .config import SchedulerConfig
+from .hub import find_local_model, resolve_model
 from .loading import Snapshot
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
@@ -35,6 +36,7 @@ from .text_encoder import count_tokens, encode_prompts, prompt_clean
 from .video import VideoOutput, prepare_folder, remove_stale_partials
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+WAN22_FLOW_SHIFT = 5.0  # Wan-AI/Wan2.2-TI2V-5B-Diffusers' scheduler config
 TEXT_LENGTH = 512  # Wan's text length: prompts are padded (with zeros past their end) to 512 tokens
 
 
@@ -139,6 +141,27 @@ def validate(request: GenerationRequest, size_multiple: int, frame_step: int) ->
         raise WanError(f"fps {request.fps} is not allowed: it must be between 1 and 120")
     if request.seed is not None and not 0 <= request.seed < 2**63:
         raise WanError(f"seed {request.seed} is not allowed: it must be between 0 and 2^63-1")
+
+
+def model_sampler(snapshot: Snapshot) -> str:
+    """The sampler a model is made for. FastVideo's DMD-distilled checkpoints (FastWan2.2-TI2V-5B) name its
+    `WanDMDPipeline` in model_index.json: they default to the dmd sampler, 3 steps, no guidance."""
+    return "dmd" if snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
+
+
+def recommended_settings(model: str) -> dict:
+    """For a form filled before any engine is opened: {"sampler": the model's own sampler, "by_sampler": {name:
+    {sampler, steps, guidance, shift}}}, read from the model's files when they are on this machine (nothing is
+    downloaded), else those of Wan2.2 TI2V-5B (UniPC, flow shift 5)."""
+    snapshot = None
+    if root := find_local_model(model):
+        try:
+            snapshot = Snapshot.open(root)
+        except WanError:  # a broken folder: the engine says what is wrong when a run opens it
+            pass
+    config = snapshot.scheduler_config if snapshot else SchedulerConfig(flow_shift=WAN22_FLOW_SHIFT)
+    return {"sampler": model_sampler(snapshot) if snapshot else "unipc",
+            "by_sampler": {name: sampler_defaults(name, config) for name in SAMPLERS}}
 
 
 def apply_memory_limits(preset: Preset) -> None:
@@ -270,11 +293,8 @@ class Engine:
 
     def defaults(self, sampler: str | None = None) -> dict:
         """The recommended {sampler, steps, guidance, shift} of this model (of `sampler` on it, when given), which
-        a request's unset settings take. FastVideo's DMD-distilled checkpoints (FastWan2.2-TI2V-5B) name its
-        `WanDMDPipeline` in model_index.json: they default to the dmd sampler, 3 steps, no guidance."""
-        if sampler is None:
-            sampler = "dmd" if self.snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
-        return sampler_defaults(sampler, self.scheduler_config)
+        a request's unset settings take (see `model_sampler`)."""
+        return sampler_defaults(sampler or model_sampler(self.snapshot), self.scheduler_config)
 
     def with_defaults(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with its unset sampler, steps, guidance and shift taken from `defaults`."""

@@ -61,6 +61,27 @@ def looks_like_repo_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and "\\" not in model
 
 
+def find_local_model(model: str) -> Path | None:
+    """The local folder for `--model` when its files are already on this machine (a folder, the demo model, or a
+    repo id in the Hugging Face cache), else None; never downloads."""
+    if model == "demo":
+        from .demo import ensure_demo_model
+
+        return ensure_demo_model()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if not looks_like_repo_id(model):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        return None
+
+
 def resolve_model(model: str, progress=None) -> Path:
     """The local folder for `--model`: a folder as given, `demo`, or a Hub repo id (downloaded when needed)."""
     if model == "demo":
