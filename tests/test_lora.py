@@ -233,3 +233,81 @@ def expect_quantized(engine, expected):
     assert np.array_equal(np.array(layer.weight), np.array(codes))
     assert np.allclose(np.array(layer.scales), np.array(scales), rtol=1e-5, atol=0)
     assert np.allclose(np.array(layer.biases), np.array(biases), rtol=1e-5, atol=1e-7)
+
+
+def bad_files(folder, shapes) -> dict:
+    """name -> (file, what its message must say besides the file's name)."""
+    rng = np.random.default_rng(9)
+    q = "transformer.blocks.0.attn1.to_q"
+    a, b = pair(rng, shapes["blocks.0.attn1.to_q.weight"], 4)
+    cases = {
+        "unknown-format": ({"model.layers.0.mlp.weight": a}, "'model.layers.0.mlp.weight' is not a LoRA key"),
+        "no-matching-key": ({"text_encoder.encoder.block.0.q.lora_A.weight": a},
+                            "no weights for this transformer (its first key is 'text_encoder.encoder"),
+        "wrong-shape": ({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": np.zeros((4, 48), np.float32),
+                         "diffusion_model.blocks.0.self_attn.q.lora_up.weight": b},
+                        "'diffusion_model.blocks.0.self_attn.q.lora_down.weight' has shape (4, 48), "
+                        "blocks.0.attn1.to_q needs (rank, 32)"),
+        "rank-mismatch": ({f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b[:, :3]},
+                          f"'{q}.lora_B.weight' has rank 3 but '{q}.lora_A.weight' has rank 4"),
+        "missing-layer": ({"transformer.blocks.7.attn1.to_q.lora_A.weight": a,
+                           "transformer.blocks.7.attn1.to_q.lora_B.weight": b},
+                          "adapts blocks.7.attn1.to_q, which this transformer does not have"),
+        "half-a-pair": ({f"{q}.lora_A.weight": a}, f"'{q}.lora_A.weight': blocks.0.attn1.to_q has down"),
+        "unknown-module": ({"lora_unet_blocks_0_self_attn_qkv.lora_down.weight": a},
+                           "'lora_unet_blocks_0_self_attn_qkv.lora_down.weight' is not 'lora_unet_<module>.<part>'"),
+    }
+    files = {}
+    for name, (tensors, message) in cases.items():
+        save_file(tensors, folder / f"{name}.safetensors")
+        files[name] = (folder / f"{name}.safetensors", message)
+    whole = (folder / "wrong-shape.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(whole[: len(whole) - 100])
+    files["truncated"] = (folder / "truncated.safetensors", "is truncated")
+    return files
+
+
+def test_bad_files_are_refused_by_name_and_change_nothing(snapshots, tmp_path):
+    shapes = shapes_of(snapshots["small"])
+    good = musubi_lora(tmp_path / "good.safetensors", shapes, 10, rank=2)
+    engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path)
+    noise = noise_for("small", 64, 64, 5)
+    before = engine_frames(engine, [(good, 1.0)], 64, 64, 5, 1, noise=noise)[0].frames
+    for name, (path, message) in bad_files(tmp_path, shapes).items():
+        with pytest.raises(WanError) as error:
+            engine_frames(engine, [(good, 0.5), (path, 1.0)], 64, 64, 5, 1, noise=noise)
+        assert path.name in str(error.value) and message in str(error.value), name
+    assert np.array_equal(engine_frames(engine, [(good, 1.0)], 64, 64, 5, 1, noise=noise)[0].frames, before)
+    for reference, strength, message in [(tmp_path / "absent.safetensors", 1.0, "no such file"),
+                                         (good, float("nan"), "strength is not allowed")]:
+        with pytest.raises(WanError, match=message):
+            engine_frames(engine, [(reference, strength)], 64, 64, 5, 1)
+
+
+def test_cli_lora_from_a_path_and_the_hub_offline_recorded_in_the_sidecar(snapshots, no_torch_env, tmp_path):
+    shapes = shapes_of(snapshots["small"])
+    local = comfy_lora(tmp_path / "style:v2.safetensors", shapes, 11, rank=2)  # ':' in an existing file's name
+    repo = tmp_path / "hub" / "models--someone--wan-loras"
+    revision = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "snapshots" / revision / "motion").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    hub_file = musubi_lora(repo / "snapshots" / revision / "motion" / "lora.safetensors", shapes, 12, rank=3)
+    env = {**no_torch_env, "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = tmp_path / "video.mp4"
+    proc = run_cli(["generate", "--model", snapshots["small"], "--prompt", "a kite", "--width", 64, "--height", 64,
+                    "--frames", 5, "--steps", 1, "--seed", 3, "--output", out, "--lora", local,
+                    "--lora", "someone/wan-loras/motion/lora.safetensors:0.25"], env)
+    assert proc.returncode == 0, proc.stderr
+    expected = [
+        {"name": str(local), "sha256": hashlib.sha256(local.read_bytes()).hexdigest(), "strength": 1.0},
+        {"name": "someone/wan-loras/motion/lora.safetensors",
+         "sha256": hashlib.sha256(hub_file.read_bytes()).hexdigest(), "strength": 0.25},
+    ]
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["loras"] == expected
+    assert json.loads(read_metadata(out)["comment"])["loras"] == expected
+    proc = run_cli(["generate", "--model", snapshots["small"], "--prompt", "a kite", "--output", tmp_path / "x.mp4",
+                    "--lora", "someone/wan-loras/absent.safetensors"], env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: the Hub file someone/wan-loras/absent.safetensors is not in the Hugging Face cache and HF_HUB_OFFLINE")

@@ -273,6 +273,8 @@ class Engine:
             return
         start = time.perf_counter()
         model = self.parts["transformer"]
+        # until done, a failure leaves every layer either set touches to be reloaded by the next run
+        self.fused = AdapterSet(None, self.fused.layers | wanted.layers)
         reloaded = 0
         for reloaded, total in fuse(self.snapshot, model, self.dtype, loras, self.fused):
             yield ProgressEvent("load", "fusing LoRAs", reloaded, total, memory_gib=gib(mx.get_active_memory()))

@@ -347,7 +347,8 @@ def fuse(snapshot, model, dtype, loras: list, previous: AdapterSet):
     layers = sorted(adapter_set(loras).layers | previous.layers)
     for done, layer in enumerate(layers, start=1):
         names = [f"{layer}.{part}" for part in ("weight", "bias", "scales", "biases")]
-        tensors = {key: checkpoint[key] for key in names if key in checkpoint}
+        # popped, so that no tensor stays in memory once its layer is loaded
+        tensors = {key: checkpoint.pop(key) for key in names if key in checkpoint}
         updates = [(lora.strength, lora.layers[layer]) for lora in loras if layer in lora.layers]
         if updates:
             tensors = updated(layer, tensors, updates, modules[layer], channels_last)

@@ -85,20 +85,21 @@ OLD_DIFFUSERS_LORA_NAMES = [
 
 def wan_layer_name(module: str) -> str | None:
     """An original Wan module name (`blocks.3.self_attn.q`) -> our layer (`blocks.3.attn1.to_q`); None if unknown."""
-    block = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
-    if block:
-        layer = WAN_BLOCK_LAYERS.get(block[2])
-        return layer and f"blocks.{block[1]}.{layer}"
-    return WAN_TOP_LAYERS.get(module)
+    return look_up_module(module, ".", WAN_BLOCK_LAYERS, WAN_TOP_LAYERS)
 
 
 def musubi_layer_name(module: str) -> str | None:
     """A musubi-tuner module name (`blocks_3_self_attn_q`) -> the original Wan one (`blocks.3.self_attn.q`)."""
-    block = re.fullmatch(r"blocks_(\d+)_(.+)", module)
+    return look_up_module(module, "_", MUSUBI_BLOCK_LAYERS, MUSUBI_TOP_LAYERS)
+
+
+def look_up_module(module: str, separator: str, block_names: dict, top_names: dict) -> str | None:
+    """`blocks<sep>N<sep>name` through `block_names` (-> `blocks.N.<found>`), any other module through `top_names`."""
+    block = re.fullmatch(rf"blocks{re.escape(separator)}(\d+){re.escape(separator)}(.+)", module)
     if block:
-        name = MUSUBI_BLOCK_LAYERS.get(block[2])
+        name = block_names.get(block[2])
         return name and f"blocks.{block[1]}.{name}"
-    return MUSUBI_TOP_LAYERS.get(module)
+    return top_names.get(module)
 
 
 def rename_key(key: str, rules: list) -> str:
