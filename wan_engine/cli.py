@@ -49,6 +49,20 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="the MP4 to write (default: outputs/wan-<time>-<seed>.mp4)")
     p.add_argument("--latents", default=None, help="initial noise .npy (1 x C x F x H/16 x W/16, float32)")
     p.add_argument("--save-frames", default=None, help="also save the decoded frames as .npy (F x H x W x 3, [0, 1])")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO_FILE[:STRENGTH]",
+                   help="fuse a LoRA (.safetensors) into the transformer: a local file or a Hub file written "
+                        "owner/repo/path/in/repo.safetensors, and its strength (default 1.0); repeatable")
+
+
+def parse_lora(argument: str) -> tuple[str, float]:
+    """`--lora REF[:STRENGTH]` -> (REF, STRENGTH). An existing file's name is taken whole, even with ':' in it."""
+    reference, colon, strength = argument.rpartition(":")
+    if Path(argument).expanduser().is_file() or not colon:
+        return argument, 1.0
+    try:
+        return reference, float(strength)
+    except ValueError:
+        return argument, 1.0  # a ':' that is part of the name; the engine says if no such file exists
 
 
 class ProgressBar:
@@ -96,7 +110,7 @@ def run_generate(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image, width=args.width,
         height=args.height, frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
         sampler=args.sampler, seed=args.seed, fps=args.fps, latents=latents, output=args.output,
-        keep_frames=bool(args.save_frames),
+        keep_frames=bool(args.save_frames), loras=[parse_lora(argument) for argument in args.lora],
     )
     bar = ProgressBar()
     engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download)

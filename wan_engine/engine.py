@@ -7,6 +7,7 @@ preset decides what is quantized, what is released between stages, and how the V
 """
 
 import dataclasses
+import functools
 import gc
 import secrets
 import threading
@@ -24,6 +25,7 @@ from .errors import Cancelled, WanError
 from .config import SchedulerConfig
 from .hub import find_local_model, resolve_model
 from .loading import Snapshot
+from .lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
     from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
@@ -93,6 +95,9 @@ class GenerationRequest:
     output: str | None = None  # the MP4 path; None: a timestamped name under the engine's output folder
     keep_frames: bool = False  # return the float frames in the result (for --save-frames and tests)
     preview: bool = False  # attach a small RGB preview of the latents to each denoising event
+    # LoRAs fused into the transformer, in order: (reference, strength), the reference a local .safetensors path or a
+    # Hub file written owner/repo/path/in/repo.safetensors; strength as diffusers' adapter weight (1.0: as trained)
+    loras: list = field(default_factory=list)
 
 
 @dataclass
@@ -197,6 +202,8 @@ class Engine:
         self.text_identity = encoder_identity(self.root, dtype, self.preset.text_encoder_quantization)
         self.parts = {}  # name -> loaded module: tokenizer, text_encoder, transformer, vae
         self.preview_map = None  # latent -> RGB map, calibrated on the first run that asks for previews
+        self.download_progress = download_progress  # Hub LoRAs are fetched when a request names them
+        self.fused = AdapterSet()  # the LoRAs the loaded transformer holds
         apply_memory_limits(self.preset)
 
     @property
@@ -219,6 +226,7 @@ class Engine:
             part = snapshot.load_text_encoder(self.dtype, quantize=preset.text_encoder_quantization)
         elif name == "transformer":
             part = snapshot.load_transformer(self.dtype, quantize=preset.transformer_quantization)
+            self.fused = AdapterSet()  # a fresh transformer holds the snapshot's weights
             part.block_lookahead = preset.block_lookahead
             if preset.compile:
                 part.compile()
@@ -274,18 +282,58 @@ class Engine:
         yield from self._load("vae", timings)
         self.preview_map = calibrate(self.parts["vae"], self.normalizer, self.vae_config.scale_factor_spatial)
 
+    # -- LoRA adapters (lora.py) -----------------------------------------------------------------------------------
+    @functools.cached_property
+    def transformer_shapes(self) -> dict:
+        return transformer_shapes(self.transformer_config)
+
+    def _read_loras(self, request: GenerationRequest):
+        """The request's LoRAs, read and checked against the transformer before anything is loaded or fused, so a
+        bad file changes nothing."""
+        loras = []
+        for item in request.loras:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise WanError(f"LoRA {item!r} is not allowed: give (path or owner/repo/file.safetensors, strength)")
+            yield ProgressEvent("load", f"reading the LoRA {item[0]}")
+            loras.append(read_lora(item[0], item[1], self.transformer_shapes, self.download_progress))
+        return loras
+
+    def _fuse_loras(self, loras: list, timings: dict):
+        """Make the loaded transformer hold exactly `loras` (reloading the layers an earlier set changed); nothing
+        to do when it holds them already."""
+        wanted = adapter_set(loras)
+        if wanted.identity == self.fused.identity:
+            return
+        start = time.perf_counter()
+        model = self.parts["transformer"]
+        # until done, a failure leaves every layer either set touches to be reloaded by the next run
+        self.fused = AdapterSet(None, self.fused.layers | wanted.layers)
+        reloaded = 0
+        for reloaded, total in fuse(self.snapshot, model, self.dtype, loras, self.fused):
+            yield ProgressEvent("load", "fusing LoRAs", reloaded, total, memory_gib=gib(mx.get_active_memory()))
+        self.fused = wanted
+        if self.preset.compile:
+            model.compile()  # compiled blocks hold the weights they were traced with
+        elapsed = time.perf_counter() - start
+        timings["load_s"] = round(timings.get("load_s", 0.0) + elapsed, 4)
+        ignored = sum(len(lora.ignored) for lora in loras)
+        yield ProgressEvent("load", f"the transformer holds {len(loras)} LoRAs: {reloaded} layers reloaded in "
+                            f"{elapsed:.1f} s" + (f", {ignored} keys ignored as diffusers ignores them" if ignored else ""),
+                            elapsed_s=elapsed, memory_gib=gib(mx.get_active_memory()))
+
     def _vae_tile(self, width: int, height: int):
         tile = self.preset.vae_tile
         return tile if tile is not None and width * height >= tile.get("min_pixels", 0) else None
 
     # -- generation ------------------------------------------------------------------------------------------------
-    def settings(self, request: GenerationRequest, seed: int, negative: str) -> dict:
+    def settings(self, request: GenerationRequest, seed: int, negative: str, loras: list = ()) -> dict:
         return {
             "prompt": request.prompt, "negative_prompt": negative,
             "image": None if request.image is None else str(getattr(request.image, "filename", "") or request.image),
             "width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps,
             "guidance": request.guidance, "shift": self.shift(request), "sampler": request.sampler, "seed": seed,
             "fps": request.fps, "dtype": self.dtype_name, "model": self.model, "preset": self.preset.name,
+            "loras": [lora.record() for lora in loras],
         }
 
     def shift(self, request: GenerationRequest) -> float:
@@ -325,6 +373,7 @@ class Engine:
         remove_stale_partials(video_path.parent)
         use_cfg = request.guidance > 1.0
         preset = self.preset
+        loras = yield from self._read_loras(request)
 
         mx.reset_peak_memory()
         timings = {}
@@ -369,6 +418,7 @@ class Engine:
         self._end_stage(cancel)
 
         yield from self._load("transformer", timings)
+        yield from self._fuse_loras(loras, timings)
         scheduler = make_scheduler(request.sampler, request.steps, request.shift, self.scheduler_config,
                                    step_noise_key(seed))
         steps = generate_latents(self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel,
@@ -389,7 +439,7 @@ class Engine:
 
         yield from self._load("vae", timings)
         start = time.perf_counter()
-        settings = self.settings(request, seed, negative)
+        settings = self.settings(request, seed, negative, loras)
         # ffmpeg encodes each decoded chunk while the next one decodes; the video and its sidecar land together
         # at the end, or nothing does (a cancelled or failed run leaves no file).
         output = VideoOutput(video_path, request.width, request.height, request.fps,

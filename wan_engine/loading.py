@@ -193,16 +193,28 @@ class Snapshot:
         model = UMT5Encoder(self.text_encoder_config)
         return self._load("text_encoder", model, dtype, keep, progress, quantize)
 
+    def read(self, component: str) -> tuple[dict, dict, bool]:
+        """`component`'s weights in whichever format they are, lazily mapped, under our names; the first shard's
+        header metadata; and whether they are channels-last (written by MLX for mlx-gen)."""
+        weights, metadata = read_weights(self.root / component)
+        mlxgen = written_by_mlxgen(metadata) and component in MLXGEN_SANITIZERS
+        if mlxgen:
+            weights = MLXGEN_SANITIZERS[component](weights)
+        return weights, metadata, mlxgen
+
+    def reload_transformer_layers(self, model, weights: dict, dtype, channels_last: bool) -> None:
+        """Replace some parameters of the loaded transformer `model` by checkpoint tensors (our names, as `read`
+        gives them), converted exactly as `load_transformer` converts them: layout, dtype, quantization."""
+        load_into(model, weights, dtype, TRANSFORMER_FP32_PARAMETERS, channels_last=channels_last, partial=True)
+
     def _load(self, component, model, dtype, keep_fp32, progress, quantize=None):
         """Read `component`'s weights in whichever format they are, give `model` the quantized layers they hold
         (and those of its policy that `quantize` asks for), then load them."""
         folder = self.root / component
         layers = POLICIES.get(component)
-        weights, metadata = read_weights(folder)
+        weights, metadata, mlxgen = self.read(component)
         bits = (self.quantization(component) or {}).get("bits")
-        mlxgen = written_by_mlxgen(metadata) and component in MLXGEN_SANITIZERS
         if mlxgen:
-            weights = MLXGEN_SANITIZERS[component](weights)
             level = metadata.get("quantization_level", "None")
             bits = int(level) if level.isdigit() else None
         try:
