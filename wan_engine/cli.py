@@ -133,7 +133,8 @@ def run_generate(args) -> int:
         print(f"note: the prompt has {tokens['total']} tokens; the model read the first {tokens['used']}",
               file=sys.stderr)
     print(f"seed {result.seed}")
-    print(f"wrote {result.video_path} ({result.timings['total_s']:.1f} s, MLX peak {result.peak_memory_gib:.2f} GiB)")
+    print(f"wrote {result.video_path} ({result.timings['total_s']:.1f} s, MLX peak {result.peak_memory_gib:.2f} GiB, "
+          f"process peak {result.process_peak_rss_gib:.2f} GiB)")
     return 0
 
 
