@@ -18,6 +18,7 @@ from . import history
 from .config import StudioConfig
 from .form import Form, build_form
 from .handlers import Studio
+from .progress import READY_TEXT, warming_text
 
 SPEEDS = {"Quality": "unipc", "Fast, 3 steps": "dmd"}  # choice -> sampler
 SPEED_HELP = ("Fast: 3 distilled steps without guidance (DMD), for FastWan models or the base model with a "
@@ -89,7 +90,7 @@ def build_app(config: StudioConfig) -> gr.Blocks:
                                                info="Show a rough picture of the video at each step.")
                 options = gr.State(run_options(sampler.value, preset.value, live_preview.value))
             with gr.Column(scale=1, min_width=340):
-                results = build_results()
+                results = build_results(warming_text(None) if config.warmup else READY_TEXT)
         past = build_history()
 
         gr.on([sampler.change, preset.change, live_preview.change], run_options, [sampler, preset, live_preview],
@@ -105,6 +106,9 @@ def build_app(config: StudioConfig) -> gr.Blocks:
               concurrency_limit=None)
         wire_history(past, studio, config, tabs, speed, sampler, text_form, image_form)
         app.load(studio.history, None, [past.gallery, past.records], api_visibility="private")
+        # every page, however many, follows the warm-up until the model is ready
+        app.load(studio.readiness, None, results.progress, api_visibility="private", concurrency_limit=None,
+                 show_progress="hidden")
         # The browser draws an empty number as 0 until the server sends it a value; send "none yet".
         app.load(lambda: None, None, results.seed, queue=False, api_visibility="private")
     return app
@@ -150,8 +154,8 @@ def run_options(sampler: str, preset: str, preview: bool) -> dict:
     return {"sampler": sampler, "preset": preset, "preview": preview}
 
 
-def build_results() -> Results:
-    progress = gr.Markdown("Ready. A run's progress shows here.", label="Progress", elem_id="progress",
+def build_results(progress_text: str) -> Results:
+    progress = gr.Markdown(progress_text, label="Progress", elem_id="progress",
                            container=True, min_height=48)
     preview = gr.Image(label="Live preview", type="numpy", interactive=False, height=180, elem_id="live-preview",
                        buttons=[], placeholder="A rough picture of the video appears here at each step.")

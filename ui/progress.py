@@ -13,6 +13,7 @@ STAGES = {
     "save": "Saving",
 }
 BAR_WIDTH = 20
+READY_TEXT = "Ready. A run's progress shows here."
 
 
 def bar(step: int, total: int) -> str:
@@ -29,6 +30,15 @@ def seconds(value: float) -> str:
 
 def waiting_text(what: str) -> str:
     return f"**{what}**"
+
+
+def warming_text(event) -> str:
+    """The warm-up's progress: '**Getting the model ready** · **Loading the model** loading the transformer'."""
+    return "**Getting the model ready**" + (f" · {event_text(event)}" if event is not None else "")
+
+
+def ready_text(elapsed_s: float) -> str:
+    return f"Ready: the model was prepared in {seconds(elapsed_s)}. A run's progress shows here."
 
 
 def event_text(event) -> str:

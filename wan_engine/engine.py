@@ -26,6 +26,7 @@ from .config import SchedulerConfig
 from .converted import ConvertedWeights
 from .hub import find_local_model, resolve_model
 from .loading import Snapshot
+from .kernel_cache import keep_compiled_kernels
 from .memory import process_peak_rss_gib
 from .lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
 from .pipeline import (
@@ -185,6 +186,7 @@ class Engine:
 
     def __init__(self, model, dtype: str | None = None, preset: str = "normal", output_dir="outputs",
                  download_progress=None, prompt_cache: PromptEmbeddingCache | None = None):
+        keep_compiled_kernels()  # before anything compiles
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
             raise WanError(f"dtype {dtype!r} is not allowed: choose one of {', '.join(DTYPES)}")
