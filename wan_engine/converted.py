@@ -109,7 +109,7 @@ class ConvertedWeights:
             free = shutil.disk_usage(self.folder).free
             if free < size + KEEP_FREE_BYTES:
                 say_once(f"not enough disk space in {self.folder} to keep the converted {component} (it needs "
-                         f"{size / 2**30:.1f} GiB and {KEEP_FREE_BYTES / 2**30:.0f} GiB left free, {free / 2**30:.1f} "
+                         f"{size / 2**30:.2f} GiB and {KEEP_FREE_BYTES / 2**30:.0f} GiB left free, {free / 2**30:.2f} "
                          "GiB are free): it is converted from the model's files at each load, as before")
                 return "the model's files (no room on disk to keep a converted copy)"
             write_folder(entry, parameters, {"component": component, "quantized": quantized_layers(model)})
