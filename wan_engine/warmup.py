@@ -22,15 +22,16 @@ WARM_UP = dict(prompt="a short warm-up clip of a quiet harbour", width=256, heig
 
 
 def warm_up(engine: Engine):
-    """Run the warm-up generation; yields its ProgressEvents. Writes nothing that stays: no video in the history,
-    no prompt embedding in the cache."""
+    """Run the warm-up generation; yields its ProgressEvents and returns its Result (timings, MLX peak; its files
+    are gone). Writes nothing that stays: no video in the history, no prompt embedding in the cache."""
     folder = Path(tempfile.mkdtemp(prefix="wan-warm-up-"))
     kept_cache, engine.prompt_cache = engine.prompt_cache, PromptEmbeddingCache(folder / "prompt-embeddings")
     try:
         request = GenerationRequest(**WARM_UP, output=str(folder / "warm-up.mp4"))
         for item in engine.generate(request):
-            if not isinstance(item, Result):
-                yield item
+            if isinstance(item, Result):
+                return item
+            yield item
     finally:
         engine.prompt_cache = kept_cache
         shutil.rmtree(folder, ignore_errors=True)
