@@ -24,6 +24,7 @@ from wan_engine.errors import Cancelled, WanError
 from . import history
 from .config import MAX_SEED, StudioConfig
 from .engine_cache import EngineCache
+from .loras import engine_loras
 from .pictures import open_picture
 from .progress import READY_TEXT, event_text, failed_text, finished_text, ready_text, stopped_text, waiting_text, \
     warming_text
@@ -51,18 +52,19 @@ class Studio:
 
     # -- the API ---------------------------------------------------------------------------------------------------
     def text_to_video(
-        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options,
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options,
         request: gr.Request,
     ):
-        """Text to video. Streams progress updates; ends with the video, the seed used and the settings."""
+        """Text to video. Streams progress updates; ends with the video, the seed used and the settings.
+        `loras`: a list of "name:strength" (ui/loras.py)."""
         generation = self.generation_request(
-            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
         )
         yield from self.run(generation, options, request.session_hash or "")
 
     def image_to_video(
-        self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options,
-        request: gr.Request,
+        self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras,
+        options, request: gr.Request,
     ):
         """Image to video: the video starts from `image`. Width and height 0 take the size from the image's aspect
         at the model's default area; explicit ones are honoured and the image is centre-cropped to their aspect.
@@ -70,7 +72,7 @@ class Studio:
         picture = open_picture(image)
         width, height = self.image_size(picture, width, height)
         generation = self.generation_request(
-            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
         )
         generation.image = str(self.save_first_frame(crop_to_aspect(picture, width, height)))
         yield from self.run(generation, options, request.session_hash or "")
@@ -93,7 +95,7 @@ class Studio:
 
     # -- checking and preparing a request ---------------------------------------------------------------------------
     def generation_request(
-        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
     ) -> GenerationRequest:
         """The engine request for these form values; gr.Error (saying what is allowed) when one is wrong."""
         if seed is None or seed == -1:
@@ -104,7 +106,7 @@ class Studio:
             prompt=prompt or "", negative_prompt=negative_prompt, width=whole("width", width),
             height=whole("height", height), frames=whole("frames", frames), steps=whole("steps", steps),
             guidance=number("guidance", guidance), shift=shift, sampler=options["sampler"], seed=seed,
-            fps=whole("fps", fps), preview=options["preview"],
+            fps=whole("fps", fps), preview=options["preview"], loras=engine_loras(loras, self.config.output_dir),
         )
         try:  # the engine's own checks, before a model is loaded; it checks again with the model's constraints
             validate(generation, SIZE_MULTIPLE, FRAME_STEP)

@@ -18,6 +18,7 @@ from . import history
 from .config import StudioConfig
 from .form import Form, build_form
 from .handlers import Studio
+from .loras import lora_choices
 from .progress import READY_TEXT, warming_text
 
 SPEEDS = {"Quality": "unipc", "Fast, 3 steps": "dmd"}  # choice -> sampler
@@ -76,12 +77,12 @@ def build_app(config: StudioConfig) -> gr.Blocks:
         gr.Markdown(header_text(config))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=340):
+                speed = gr.Radio(list(SPEEDS), value=speed_of(config.sampler), label="Speed", info=SPEED_HELP)
                 with gr.Tabs() as tabs:
                     with gr.Tab("Text to video", id="text"):
                         text_form = build_form(config, TEXT_EXAMPLES, for_image=False)
                     with gr.Tab("Image to video", id="image"):
                         image_form = build_form(config, IMAGE_EXAMPLES, for_image=True)
-                speed = gr.Radio(list(SPEEDS), value=speed_of(config.sampler), label="Speed", info=SPEED_HELP)
                 with gr.Accordion("Sampler, memory and live preview", open=False):
                     sampler = gr.Radio(list(SAMPLERS), value=config.sampler, label="Sampler", info=SAMPLER_HELP)
                     preset = gr.Radio(available_presets(), value=config.preset, label="Memory preset",
@@ -106,6 +107,8 @@ def build_app(config: StudioConfig) -> gr.Blocks:
               concurrency_limit=None)
         wire_history(past, studio, config, tabs, speed, sampler, text_form, image_form)
         app.load(studio.history, None, [past.gallery, past.records], api_visibility="private")
+        app.load(lambda: [gr.Dropdown(choices=lora_choices(config.output_dir))] * 2, None,
+                 [text_form.loras, image_form.loras], queue=False, api_visibility="private")  # files added since
         # every page, however many, follows the warm-up until the model is ready
         app.load(studio.readiness, None, results.progress, api_visibility="private", concurrency_limit=None,
                  show_progress="hidden")
@@ -219,7 +222,7 @@ def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, spee
         for_image = bool(record["settings"].get("image"))
         if for_image and history.input_picture(record) is None:
             gr.Warning("That run's first frame is no longer on disk: upload the picture again.")
-        filled = history.form_values(record, config.sizes, for_image)
+        filled = history.form_values(record, config.sizes, for_image, config.output_dir)
         other_form = text_form if for_image else image_form
         skipped = [gr.skip()] * len(other_form.restorable)
         forms = [*skipped, *filled] if for_image else [*filled, *skipped]

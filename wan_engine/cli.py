@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .errors import Cancelled, WanError
+from .lora import parse_lora
 from .hub import DEFAULT_MODEL
 
 
@@ -52,17 +53,6 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO_FILE[:STRENGTH]",
                    help="fuse a LoRA (.safetensors) into the transformer: a local file or a Hub file written "
                         "owner/repo/path/in/repo.safetensors, and its strength (default 1.0); repeatable")
-
-
-def parse_lora(argument: str) -> tuple[str, float]:
-    """`--lora REF[:STRENGTH]` -> (REF, STRENGTH). An existing file's name is taken whole, even with ':' in it."""
-    reference, colon, strength = argument.rpartition(":")
-    if Path(argument).expanduser().is_file() or not colon:
-        return argument, 1.0
-    try:
-        return reference, float(strength)
-    except ValueError:
-        return argument, 1.0  # a ':' that is part of the name; the engine says if no such file exists
 
 
 class ProgressBar:

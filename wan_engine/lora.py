@@ -124,6 +124,22 @@ def adapter_set(loras: list) -> AdapterSet:
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
+def parse_lora(argument: str, folder: Path | None = None) -> tuple[str, float]:
+    """"REF[:STRENGTH]" (the CLI's --lora, an item of the app's `loras`) -> (REF, STRENGTH), 1.0 when no strength
+    is given. An existing file's name is taken whole, even with ':' in it. `folder` (the app's loras/ folder): a
+    REF naming a file in it becomes that file's path."""
+    reference, colon, strength = argument.rpartition(":")
+    if Path(argument).expanduser().is_file() or not colon:
+        reference, strength = argument, "1"
+    try:
+        value = float(strength)
+    except ValueError:
+        reference, value = argument, 1.0  # a ':' that is part of the name; read_lora says if no such file exists
+    if folder is not None and reference and (Path(folder) / reference).is_file():
+        reference = str(Path(folder) / reference)
+    return reference, value
+
+
 def resolve(reference: str, progress=None) -> Path:
     """A LoRA file: a local path as given (even one holding ':'), else a Hub file `owner/repo/path/in/repo`."""
     path = Path(reference).expanduser()
