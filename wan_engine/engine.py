@@ -25,10 +25,10 @@ from .errors import Cancelled, WanError
 from .config import SchedulerConfig
 from .converted import ConvertedWeights
 from .hub import find_local_model, resolve_model
-from .loading import Snapshot
 from .kernel_cache import keep_compiled_kernels
-from .memory import process_peak_rss_gib
+from .loading import Snapshot
 from .lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
+from .memory import process_peak_rss_gib
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
     from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
