@@ -1,6 +1,6 @@
 """Benchmark: the first video against the later ones, each preset in fresh processes, on the upstream layout.
 
-    python3 bench/bench_cold_start.py                # on the GPU machine: writes bench/results/<date>-<gpu>-cold-start.json
+    python3 bench/bench_cold_start.py     # on the GPU machine: writes bench/results/<date>-<gpu>-cold-start.json
     python3 bench/bench_cold_start.py --tiny --out /tmp/c.json   # the same code on a CPU, tiny model
 
 It builds a full-size random snapshot stored as `Wan-AI/Wan2.2-TI2V-5B-Diffusers` stores it (transformer and VAE in
@@ -29,7 +29,8 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = {"full": dict(width=1280, height=704, frames=17, steps=20), "tiny": dict(width=128, height=64, frames=17, steps=4)}
+CASES = {"full": dict(width=1280, height=704, frames=17, steps=20),
+         "tiny": dict(width=128, height=64, frames=17, steps=4)}
 PROMPTS = ["A corgi surfing a wave at sunset, cinematic", "A paper boat drifting down a rainy street",
            "A lighthouse in a storm, waves crashing"]
 NEGATIVE = "blurry, low quality, static"
@@ -141,7 +142,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on this machine (a test of the script)")
     parser.add_argument("--out", default=None, help="result JSON (default bench/results/<date>-<gpu>-cold-start.json)")
-    parser.add_argument("--snapshot", default="/tmp/wan-bench-upstream", help="where to build the upstream-layout snapshot")
+    parser.add_argument("--snapshot", default="/tmp/wan-bench-upstream",
+                        help="where to build the upstream-layout snapshot (reused when it is there)")
     parser.add_argument("--cache", default="/tmp/wan-bench-cold-cache", help="the cache root the processes use")
     parser.add_argument("--presets", default="normal,low-ram")
     parser.add_argument("--timeout", type=int, default=400, help="seconds one process may take")

@@ -224,7 +224,7 @@ def test_the_sidecar_records_the_whole_process_peak_beside_mlx_peak(model, cache
     assert sidecar["timings"]["denoise_first_step_s"] > 0
 
 
-# -- the app's warm-up --------------------------------------------------------------------------------------------------
+# -- the app's warm-up -------------------------------------------------------------------------------------------------
 
 HOLD_WARM_UP = """
 import os, time
