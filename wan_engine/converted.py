@@ -74,6 +74,7 @@ class ConvertedWeights:
         return model, self.keep(entry, component, model)
 
     def slot(self, component: str, dtype, quantize: dict | None) -> str:
+        """What an entry is for (see the module docstring), hashed."""
         what = [FORMAT_VERSION, str(self.snapshot.root.resolve()), component, str(dtype), quantize, mx.__version__]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
