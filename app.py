@@ -4,7 +4,9 @@
     python app.py --demo          # the offline demo model: tiny and random, shows the app working in seconds
     python app.py --share --auth me:secret   # a temporary public link, with a password
 
-The model loads on the first Generate, with its progress on the page. Only the output folder's files are served.
+The model loads at launch, with a short warm-up run so the first video is as fast as the next ones ("Getting the
+model ready" on the page meanwhile; a Generate clicked then waits for it); `--no-warmup` loads it on the first
+Generate instead. Only the output folder's files are served.
 """
 
 import argparse
@@ -33,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="outputs", help="where videos and their settings go (default outputs/)")
     parser.add_argument("--queue-size", type=int, default=20,
                         help="how many requests may wait for their turn (default 20)")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="load the model on the first Generate instead of at launch with a short warm-up run")
     args = parser.parse_args(argv)
     if args.auth is not None:
         user, colon, password = args.auth.partition(":")
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
     if warning := exposure_warning(args):
         print(warning, file=sys.stderr)
     model = "demo" if args.demo else args.model
-    app = build_app(StudioConfig(model, args.preset, output_dir, recommended_settings(model)))
+    app = build_app(StudioConfig(model, args.preset, output_dir, recommended_settings(model), not args.no_warmup))
     app.queue(max_size=args.queue_size)
     try:
         _, local_url, share_url = app.launch(

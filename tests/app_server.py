@@ -32,14 +32,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(root: Path):
-    """Start the app (the demo model is built on first use, in WAN_STUDIO_CACHE) and stop it afterwards."""
+def running_app(root: Path, arguments=(), env=None):
+    """Start the app (the demo model is built on first use, in WAN_STUDIO_CACHE) and stop it afterwards; `arguments`
+    are added to its command line, `env` replaces the environment it starts with."""
     output_dir, log = root / "outputs", root / "server.log"
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-files")}
+    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-files")}
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "app.py", "--demo", "--port", str(port), "--output-dir", str(output_dir)],
+            [sys.executable, "app.py", "--demo", "--port", str(port), "--output-dir", str(output_dir), *arguments],
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     server = AppServer(f"http://127.0.0.1:{port}/", output_dir, process, log)

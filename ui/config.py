@@ -14,6 +14,7 @@ class StudioConfig:
     preset: str  # the memory preset new sessions start with
     output_dir: Path
     recommended: dict  # wan_engine.recommended_settings(model): the model's sampler and each sampler's settings
+    warmup: bool = True  # load the model and run a small warm-up generation at launch (handlers.Studio.warm_up)
 
     @property
     def demo(self) -> bool:

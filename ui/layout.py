@@ -19,6 +19,7 @@ from .config import StudioConfig
 from .form import Form, build_form
 from .handlers import Studio
 from .loras import lora_choices
+from .progress import READY_TEXT, warming_text
 
 SPEEDS = {"Quality": "unipc", "Fast, 3 steps": "dmd"}  # choice -> sampler
 SPEED_HELP = ("Fast: 3 distilled steps without guidance (DMD), for FastWan models or the base model with a "
@@ -90,7 +91,7 @@ def build_app(config: StudioConfig) -> gr.Blocks:
                                                info="Show a rough picture of the video at each step.")
                 options = gr.State(run_options(sampler.value, preset.value, live_preview.value))
             with gr.Column(scale=1, min_width=340):
-                results = build_results()
+                results = build_results(warming_text(None) if config.warmup else READY_TEXT)
         past = build_history()
 
         gr.on([sampler.change, preset.change, live_preview.change], run_options, [sampler, preset, live_preview],
@@ -108,6 +109,9 @@ def build_app(config: StudioConfig) -> gr.Blocks:
         app.load(studio.history, None, [past.gallery, past.records], api_visibility="private")
         app.load(lambda: [gr.Dropdown(choices=lora_choices(config.output_dir))] * 2, None,
                  [text_form.loras, image_form.loras], queue=False, api_visibility="private")  # files added since
+        # every page, however many, follows the warm-up until the model is ready
+        app.load(studio.readiness, None, results.progress, api_visibility="private", concurrency_limit=None,
+                 show_progress="hidden")
         # The browser draws an empty number as 0 until the server sends it a value; send "none yet".
         app.load(lambda: None, None, results.seed, queue=False, api_visibility="private")
     return app
@@ -153,8 +157,8 @@ def run_options(sampler: str, preset: str, preview: bool) -> dict:
     return {"sampler": sampler, "preset": preset, "preview": preview}
 
 
-def build_results() -> Results:
-    progress = gr.Markdown("Ready. A run's progress shows here.", label="Progress", elem_id="progress",
+def build_results(progress_text: str) -> Results:
+    progress = gr.Markdown(progress_text, label="Progress", elem_id="progress",
                            container=True, min_height=48)
     preview = gr.Image(label="Live preview", type="numpy", interactive=False, height=180, elem_id="live-preview",
                        buttons=[], placeholder="A rough picture of the video appears here at each step.")

@@ -16,8 +16,9 @@ from .images import open_image  # noqa: E402
 from .lora import parse_lora  # noqa: E402
 from .cache_files import partial_name  # noqa: E402
 from .video import remove_stale_partials  # noqa: E402
+from .warmup import warm_up  # noqa: E402
 
 __all__ = [
     "CancelToken", "Cancelled", "Engine", "GenerationRequest", "ProgressEvent", "Result", "WanError", "open_image",
-    "parse_lora", "partial_name", "recommended_settings", "remove_stale_partials",
+    "parse_lora", "partial_name", "recommended_settings", "remove_stale_partials", "warm_up",
 ]

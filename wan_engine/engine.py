@@ -23,9 +23,12 @@ from . import __version__
 from .demo import DEMO_NOTICE, cache_root
 from .errors import Cancelled, WanError
 from .config import SchedulerConfig
+from .converted import ConvertedWeights
 from .hub import find_local_model, resolve_model
+from .kernel_cache import keep_compiled_kernels
 from .loading import Snapshot
 from .lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
+from .memory import process_peak_rss_gib
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
     from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
@@ -123,6 +126,7 @@ class Result:
     peak_memory_gib: float
     prompt_tokens: dict  # {"used", "total", "limit"}: the model reads the first `limit` tokens of the prompt
     frames: np.ndarray | None = field(default=None, repr=False)
+    process_peak_rss_gib: float = 0.0  # the whole process's peak physical memory so far (memory.py)
 
 
 def validate(request: GenerationRequest, size_multiple: int, frame_step: int) -> None:
@@ -182,6 +186,7 @@ class Engine:
 
     def __init__(self, model, dtype: str | None = None, preset: str = "normal", output_dir="outputs",
                  download_progress=None, prompt_cache: PromptEmbeddingCache | None = None):
+        keep_compiled_kernels()  # before anything compiles
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
             raise WanError(f"dtype {dtype!r} is not allowed: choose one of {', '.join(DTYPES)}")
@@ -200,6 +205,7 @@ class Engine:
         self.normalizer = LatentNormalizer(self.vae_config)
         self.prompt_cache = prompt_cache or PromptEmbeddingCache(cache_root() / "prompt-embeddings")
         self.text_identity = encoder_identity(self.root, dtype, self.preset.text_encoder_quantization)
+        self.converted = ConvertedWeights(self.snapshot, cache_root() / "converted")  # converted once, kept on disk
         self.parts = {}  # name -> loaded module: tokenizer, text_encoder, transformer, vae
         self.preview_map = None  # latent -> RGB map, calibrated on the first run that asks for previews
         self.download_progress = download_progress  # Hub LoRAs are fetched when a request names them
@@ -219,23 +225,23 @@ class Engine:
         label = name.replace("_", " ")
         start = time.perf_counter()
         yield ProgressEvent("load", f"loading the {label}")
-        snapshot, preset = self.snapshot, self.preset
+        preset, origin = self.preset, "its files"
         if name == "tokenizer":
-            part = snapshot.load_tokenizer()
+            part = self.snapshot.load_tokenizer()
         elif name == "text_encoder":
-            part = snapshot.load_text_encoder(self.dtype, quantize=preset.text_encoder_quantization)
+            part, origin = self.converted.load(name, self.dtype, preset.text_encoder_quantization)
         elif name == "transformer":
-            part = snapshot.load_transformer(self.dtype, quantize=preset.transformer_quantization)
+            part, origin = self.converted.load(name, self.dtype, preset.transformer_quantization)
             self.fused = AdapterSet()  # a fresh transformer holds the snapshot's weights
             part.block_lookahead = preset.block_lookahead
             if preset.compile:
                 part.compile()
         else:
-            part = snapshot.load_vae(self.dtype)
+            part, origin = self.converted.load(name, self.dtype)
         self.parts[name] = part
         elapsed = time.perf_counter() - start
         timings["load_s"] = round(timings.get("load_s", 0.0) + elapsed, 4)
-        yield ProgressEvent("load", f"loaded the {label} in {elapsed:.1f} s", elapsed_s=elapsed,
+        yield ProgressEvent("load", f"loaded the {label} from {origin} in {elapsed:.1f} s", elapsed_s=elapsed,
                             memory_gib=gib(mx.get_active_memory()))
 
     def release(self, *names: str) -> None:
@@ -379,12 +385,13 @@ class Engine:
         timings = {}
         run_start = time.perf_counter()
 
-        stage_peaks = {}
+        stage_peaks, stage_rss = {}, {}
 
         def lap(name, since):
-            """Close a stage: its time, and the MLX peak since the previous stage closed."""
+            """Close a stage: its time, the MLX peak since the previous stage closed, and the process's peak so far."""
             timings[name] = round(time.perf_counter() - since, 4)
             stage_peaks[name.removesuffix("_s")] = gib(mx.get_peak_memory())
+            stage_rss[name.removesuffix("_s")] = process_peak_rss_gib()
             mx.reset_peak_memory()
 
         yield ProgressEvent("text", "encoding the prompt" + (" and the negative prompt" if use_cfg else ""))
@@ -427,6 +434,8 @@ class Engine:
         for i, latents in enumerate(steps, start=1):
             elapsed = time.perf_counter() - start
             per_step = elapsed / i
+            if i == 1:  # the first step compiles what the run's shapes need: measured apart
+                timings["denoise_first_step_s"] = round(elapsed, 4)
             preview = latent_preview(latents, self.preview_map) if request.preview else None
             yield ProgressEvent("denoise", f"step {i}/{request.steps}", i, request.steps, elapsed, per_step,
                                 per_step * (request.steps - i), gib(mx.get_active_memory()), preview)
@@ -467,7 +476,8 @@ class Engine:
             peak = max(stage_peaks.values())
             record = {
                 "seed": seed, "settings": settings, "timings": timings, "peak_memory_gib": peak,
-                "stage_peak_memory_gib": stage_peaks, "prompt_tokens": prompt_tokens,
+                "stage_peak_memory_gib": stage_peaks, "process_peak_rss_gib": process_peak_rss_gib(),
+                "stage_process_peak_rss_gib": stage_rss, "prompt_tokens": prompt_tokens,
                 "engine_version": __version__, "video": video_path.name,
                 "created": datetime.now().isoformat(timespec="seconds"),
             }
@@ -478,7 +488,7 @@ class Engine:
             output.abort()
             raise
         yield Result(video_path, sidecar, seed, settings, timings, peak, prompt_tokens,
-                     np.concatenate(frames_float) if request.keep_frames else None)
+                     np.concatenate(frames_float) if request.keep_frames else None, record["process_peak_rss_gib"])
 
     def output_path(self, request: GenerationRequest, seed: int) -> Path:
         if request.output:
