@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
