@@ -5,7 +5,9 @@
     python app.py --share --auth me:secret   # a temporary public link, with a password
     mlx.launch -n 2 -- python app.py         # two processes share each video; rank 0 serves the page
 
-The model loads on the first Generate, with its progress on the page. Only the output folder's files are served.
+The model loads at launch, with a short warm-up run so the first video is as fast as the next ones ("Getting the
+model ready" on the page meanwhile; a Generate clicked then waits for it); `--no-warmup` loads it on the first
+Generate instead. Only the output folder's files are served.
 """
 
 import argparse
@@ -34,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="outputs", help="where videos and their settings go (default outputs/)")
     parser.add_argument("--queue-size", type=int, default=20,
                         help="how many requests may wait for their turn (default 20)")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="load the model on the first Generate instead of at launch with a short warm-up run")
     args = parser.parse_args(argv)
     if args.auth is not None:
         user, colon, password = args.auth.partition(":")
@@ -66,6 +70,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     from ui import CSS, StudioConfig, build_app  # here: Gradio and MLX take seconds to import, --help need not wait
+    from wan_engine import recommended_settings
 
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +78,9 @@ def main(argv=None) -> int:
         print(warning, file=sys.stderr)
     if group is not None:
         print(f"Waiting for the {group.size - 1} other processes of the group to open the model", flush=True)
-        group.wait_for_all()
-    app = build_app(StudioConfig(model=model, preset=args.preset, output_dir=output_dir, group=group))
+        group.wait_for_all()  # before the warm-up, which in a group is a shared run
+    app = build_app(StudioConfig(model, args.preset, output_dir, recommended_settings(model), not args.no_warmup,
+                                 group))
     app.queue(max_size=args.queue_size)
     try:
         _, local_url, share_url = app.launch(

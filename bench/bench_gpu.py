@@ -57,24 +57,30 @@ TINY = dict(
 PROMPTS = ["A corgi surfing a wave at sunset, cinematic", "A paper boat drifting down a rainy street",
            "A lighthouse in a storm, waves crashing", "Fireworks over a quiet lake at night"]
 NEGATIVE = "blurry, low quality, static"
+# dtypes of the saved components: bf16 throughout, or as `Wan-AI/Wan2.2-TI2V-5B-Diffusers` stores them
+BF16_LAYOUT = {"text_encoder": torch.bfloat16, "transformer": torch.bfloat16, "vae": torch.bfloat16}
+UPSTREAM_LAYOUT = {"text_encoder": torch.bfloat16, "transformer": torch.float32, "vae": torch.float32}
 
 
 def log(*args):
     print(*args, flush=True)
 
 
-def build_snapshot(root: Path, sizes: dict, device: str) -> None:
-    """A random TI2V snapshot saved by diffusers in the Diffusers layout (bf16, sharded), built on `device`."""
+def build_snapshot(root: Path, sizes: dict, device: str, dtypes: dict = BF16_LAYOUT) -> None:
+    """A random TI2V snapshot saved by diffusers in the Diffusers layout (sharded), built on `device`; `dtypes`:
+    each component's stored dtype (BF16_LAYOUT or UPSTREAM_LAYOUT)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     start = time.perf_counter()
     with torch.device(device):
-        text_encoder = UMT5EncoderModel(UMT5Config(feed_forward_proj="gated-gelu", **sizes["text"])).to(torch.bfloat16)
-        transformer = WanTransformer3DModel(patch_size=(1, 2, 2), **sizes["transformer"]).to(torch.bfloat16)
+        text_encoder = UMT5EncoderModel(UMT5Config(feed_forward_proj="gated-gelu", **sizes["text"]))
+        transformer = WanTransformer3DModel(patch_size=(1, 2, 2), **sizes["transformer"])
         vae = AutoencoderKLWan(is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
                                scale_factor_temporal=4, temperal_downsample=[False, True, True],
-                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48, **sizes["vae"]).to(torch.bfloat16)
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48, **sizes["vae"])
+    text_encoder, transformer, vae = (module.to(dtypes[name]) for name, module in
+                                      (("text_encoder", text_encoder), ("transformer", transformer), ("vae", vae)))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
     pipe = WanPipeline(tokenizer=build_tokenizer(800), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                        transformer=transformer, expand_timesteps=True)

@@ -33,15 +33,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(root: Path, launcher: list = ()):
-    """Start the app (the demo model is built on first use, in WAN_STUDIO_CACHE) and stop it afterwards.
-    `launcher`: the command it runs under (mlx.launch ... --), in a session of its own that ends with it."""
+def running_app(root: Path, arguments=(), env=None, launcher: list = ()):
+    """Start the app (the demo model is built on first use, in WAN_STUDIO_CACHE) and stop it afterwards; `arguments`
+    are added to its command line, `env` replaces the environment it starts with. `launcher`: the command it runs
+    under (mlx.launch ... --), in a session of its own that ends with it."""
     output_dir, log = root / "outputs", root / "server.log"
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-files")}
+    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(root / "gradio-files")}
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            [*launcher, sys.executable, "app.py", "--demo", "--port", str(port), "--output-dir", str(output_dir)],
+            [*launcher, sys.executable, "app.py", "--demo", "--port", str(port), "--output-dir", str(output_dir),
+             *arguments],
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.PIPE if launcher else None, start_new_session=bool(launcher),
         )

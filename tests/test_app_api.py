@@ -3,6 +3,7 @@ progress and end with the video, the seed and the settings; bad input is refused
 a run and the next one works; two clients wait in the queue and are both served; only the output folder's files
 are served. And the command line's login and sharing flags."""
 
+import hashlib
 import json
 import re
 import time
@@ -10,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -18,6 +20,8 @@ from PIL import Image
 
 import app
 from app_server import ROOT
+from test_lora import musubi_lora, shapes_of
+from wan_engine.demo import ensure_demo_model
 from wan_engine.video import read_video
 
 TIMEOUT_S = 120
@@ -195,3 +199,25 @@ def test_the_login_comes_from_the_flag_or_the_environment(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", "no-password"])
     assert "must look like user:password" in capsys.readouterr().err
+
+
+def test_loras_from_the_folder_are_fused_recorded_and_a_bad_one_is_refused(client, app_server):
+    """`loras` takes "name:strength" items; a file of the loras/ folder beside the outputs goes by its name. The
+    sidecar records name, sha256 and strength; a bad file is refused by name and leaves the model unchanged."""
+    folder = app_server.output_dir.parent / "loras"
+    folder.mkdir(exist_ok=True)
+    style = musubi_lora(folder / "style.safetensors", shapes_of(ensure_demo_model()), seed=3, rank=4)
+    (folder / "broken.safetensors").write_bytes(b"this is not a LoRA file")
+    arguments = dict(prompt="a boat with a style", width=96, height=64, frames=5, steps=2, seed=9)
+    plain = run(client, "/text_to_video", loras=[], **arguments)[-1]
+    styled = run(client, "/text_to_video", loras=["style.safetensors:0.8"], **arguments)[-1]
+    assert styled[2]["loras"] == [{"name": str(style), "sha256": hashlib.sha256(style.read_bytes()).hexdigest(),
+                                   "strength": 0.8}]
+    sidecar = app_server.output_dir / Path(styled[0]).with_suffix(".json").name
+    assert json.loads(sidecar.read_text())["settings"]["loras"] == styled[2]["loras"]
+    assert np.abs(read_video(styled[0])[0].astype(int) - read_video(plain[0])[0]).max() > 10
+
+    with pytest.raises(AppError, match=r"broken\.safetensors"):
+        client.predict(api_name="/text_to_video", loras=["broken.safetensors"], **arguments)
+    again = run(client, "/text_to_video", loras=[], **arguments)[-1]
+    assert np.array_equal(read_video(again[0])[0], read_video(plain[0])[0])  # the model is as it was

@@ -13,6 +13,8 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from browser import CHROMIUM, chromium
+from test_lora import musubi_lora, shapes_of
+from wan_engine.demo import ensure_demo_model
 
 RUN_TIMEOUT_MS = 90_000
 
@@ -139,3 +141,36 @@ def test_sampler_memory_preset_and_preview_switch_reach_the_run(page):
     settings = page.locator("#result-settings")
     expect(settings).to_contain_text('"euler"')
     expect(settings).to_contain_text('"low-ram"')
+
+
+def test_the_fast_speed_sets_three_steps_without_guidance_and_reaches_the_run(page, screenshots):
+    page.get_by_label("Fast, 3 steps").check()
+    page.get_by_text("Advanced: steps").click()
+    expect(visible(page.get_by_label("range slider for Steps", exact=True))).to_have_value("3")
+    expect(visible(page.get_by_label("range slider for Guidance", exact=True))).to_have_value("1")
+    page.get_by_text("Sampler, memory and live preview").click()
+    expect(page.get_by_label("dmd")).to_be_checked()
+    visible(page.get_by_label("Prompt", exact=True)).fill("a fast red kite")
+    generate_and_wait(page)
+    page.get_by_text("Settings of this video (JSON)").click()
+    settings = page.locator("#result-settings")
+    expect(settings).to_contain_text('"dmd"')
+    expect(settings).to_contain_text('"steps": 3')
+    page.screenshot(path=screenshots / "fast.png", full_page=True)
+    page.get_by_label("Quality").check()  # and back: the sampler and its steps return
+    expect(page.get_by_label("unipc")).to_be_checked()
+    expect(visible(page.get_by_label("range slider for Steps", exact=True))).to_have_value("10")
+
+
+def test_a_lora_picked_from_the_folder_reaches_the_run(page, app_server):
+    folder = app_server.output_dir.parent / "loras"
+    folder.mkdir(exist_ok=True)
+    musubi_lora(folder / "watercolour.safetensors", shapes_of(ensure_demo_model()), seed=5, rank=2)
+    page.reload()  # the list is read when the page loads
+    visible(page.get_by_text("LoRA adapters")).click()
+    visible(page.get_by_label("LoRAs")).click()
+    page.get_by_role("option", name="watercolour.safetensors:1.0").click()
+    visible(page.get_by_label("Prompt", exact=True)).fill("a watercolour harbour")
+    generate_and_wait(page)
+    page.get_by_text("Settings of this video (JSON)").click()
+    expect(page.locator("#result-settings")).to_contain_text("watercolour.safetensors")

@@ -2,7 +2,7 @@
 with the ring backend on localhost, each on ports of its own (tests may run side by side).
 
 Frames from 2 and 4 processes equal one process's (float32, tiny snapshots) for text to video with and without
-guidance, image to video, and both presets: at 2 processes guidance-parallel or sequence-parallel, at 4 both at
+guidance, image to video, both presets, and a LoRA (fused by every process) with the dmd sampler: at 2 processes guidance-parallel or sequence-parallel, at 4 both at
 once (two halves of two) or sequence-parallel over 4 (whose 6 tokens a frame split unevenly: 2, 1, 2, 1). The
 K/V all-gather has no constraint on the head counts, so the snapshots' heads (2 and 3) need none either. A cancel
 and a closed run on rank 0 stop every process (the runs after them, on the same processes, are still exact); a
@@ -30,6 +30,7 @@ from gradio_client.exceptions import AppError
 from app_server import running_app
 from conftest import ROOT
 from test_app_api import run
+from test_lora import musubi_lora, shapes_of
 from tiny_snapshots import sample_image
 from wan_engine import Engine, GenerationRequest, Result
 from wan_engine.video import read_video
@@ -47,10 +48,14 @@ CASES = {
     "low-ram": ("wide", "low-ram", dict(width=128, height=64, frames=9, steps=2, guidance=4.0, seed=4)),
     "low-ram-i2v-no-guidance": ("wide", "low-ram", dict(width=128, height=64, frames=5, steps=2, guidance=1.0,
                                                         seed=5, image=True)),
+    # a distillation LoRA's use: the base model, a LoRA (which every process fuses) and the dmd sampler
+    "lora-dmd": ("small", "normal", dict(width=96, height=64, frames=9, sampler="dmd", seed=6, lora=True)),
 }
 LAYOUTS = {  # processes -> case -> the layout the sidecar records
-    2: {"t2v": (2, 1), "t2v-no-guidance": (1, 2), "i2v": (2, 1), "low-ram": (2, 1), "low-ram-i2v-no-guidance": (1, 2)},
-    4: {"t2v": (2, 2), "t2v-no-guidance": (1, 4), "i2v": (2, 2), "low-ram": (2, 2), "low-ram-i2v-no-guidance": (1, 4)},
+    2: {"t2v": (2, 1), "t2v-no-guidance": (1, 2), "i2v": (2, 1), "low-ram": (2, 1), "low-ram-i2v-no-guidance": (1, 2),
+        "lora-dmd": (1, 2)},
+    4: {"t2v": (2, 2), "t2v-no-guidance": (1, 4), "i2v": (2, 2), "low-ram": (2, 2), "low-ram-i2v-no-guidance": (1, 4),
+        "lora-dmd": (1, 4)},
 }
 
 
@@ -107,27 +112,31 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def request_of(case: str, snapshots, image_path) -> tuple:
+def request_of(case: str, snapshots, inputs) -> tuple:
     name, preset, settings = CASES[case]
     settings = dict(settings, prompt=PROMPT, negative_prompt=NEGATIVE)
     if settings.pop("image", False):
-        settings["image"] = str(image_path)
+        settings["image"] = str(inputs["image"])
+    if settings.pop("lora", False):
+        settings["loras"] = [[str(inputs["lora"]), 0.8]]
     return str(snapshots[name]), preset, settings
 
 
 @pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("first-frame") / "first.png"
-    sample_image().save(path)
-    return path
+def inputs(tmp_path_factory, snapshots):
+    """The inputs the cases read from files: a first frame, and a LoRA for the small snapshot."""
+    folder = tmp_path_factory.mktemp("inputs")
+    sample_image().save(folder / "first.png")
+    return {"image": folder / "first.png",
+            "lora": musubi_lora(folder / "style.safetensors", shapes_of(snapshots["small"]), seed=7, rank=4)}
 
 
 @pytest.fixture(scope="module")
-def one_process(snapshots, image_path, tmp_path_factory):
+def one_process(snapshots, inputs, tmp_path_factory):
     """Each case's frames from one process."""
     out, frames, engines = tmp_path_factory.mktemp("one-process"), {}, {}
     for case in CASES:
-        model, preset, settings = request_of(case, snapshots, image_path)
+        model, preset, settings = request_of(case, snapshots, inputs)
         engine = engines.setdefault((model, preset), Engine(model, dtype="float32", preset=preset, output_dir=out))
         *_, result = engine.generate(GenerationRequest(**settings, keep_frames=True))
         assert isinstance(result, Result) and result.parallel is None
@@ -150,18 +159,18 @@ def run_jobs(processes: int, jobs: list, tmp_path: Path) -> Path:
     return out
 
 
-def case_job(case: str, snapshots, image_path, name: str | None = None, **extra) -> dict:
-    model, preset, settings = request_of(case, snapshots, image_path)
+def case_job(case: str, snapshots, inputs, name: str | None = None, **extra) -> dict:
+    model, preset, settings = request_of(case, snapshots, inputs)
     return {"name": name or case, "model": model, "preset": preset, "request": settings, **extra}
 
 
 @pytest.mark.parametrize("processes", [2, 4])
-def test_frames_from_a_group_equal_one_process(processes, snapshots, image_path, one_process, tmp_path):
-    jobs = [case_job(case, snapshots, image_path) for case in CASES]
+def test_frames_from_a_group_equal_one_process(processes, snapshots, inputs, one_process, tmp_path):
+    jobs = [case_job(case, snapshots, inputs) for case in CASES]
     if processes == 2:  # stops between the exact runs: each later run proves every process stopped at the same place
-        jobs[1:1] = [case_job("t2v", snapshots, image_path, "cancel-denoise", cancel_at=["denoise", 1])]
-        jobs[3:3] = [case_job("t2v-no-guidance", snapshots, image_path, "close-denoise", close_at=["denoise", 2])]
-        jobs[5:5] = [case_job("i2v", snapshots, image_path, "cancel-decode", cancel_at=["decode", 1])]
+        jobs[1:1] = [case_job("t2v", snapshots, inputs, "cancel-denoise", cancel_at=["denoise", 1])]
+        jobs[3:3] = [case_job("t2v-no-guidance", snapshots, inputs, "close-denoise", close_at=["denoise", 2])]
+        jobs[5:5] = [case_job("i2v", snapshots, inputs, "cancel-decode", cancel_at=["decode", 1])]
     out = run_jobs(processes, jobs, tmp_path)
     for case in CASES:
         outcome = json.loads((out / f"{case}.json").read_text())
@@ -182,11 +191,11 @@ def test_frames_from_a_group_equal_one_process(processes, snapshots, image_path,
         assert not list(out.glob("*.partial*"))
 
 
-def test_cli_in_a_group_from_a_hostfile_writes_one_video_and_one_sidecar(snapshots, one_process, image_path,
+def test_cli_in_a_group_from_a_hostfile_writes_one_video_and_one_sidecar(snapshots, one_process, inputs,
                                                                           no_torch_env, tmp_path):
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    model, _, settings = request_of("t2v", snapshots, image_path)
+    model, _, settings = request_of("t2v", snapshots, inputs)
     out = tmp_path / "videos"
     command = [sys.executable, "-m", "wan_engine", "generate", "--model", model, "--dtype", "float32",
                "--output", str(out / "fox.mp4"), "--save-frames", str(tmp_path / "frames.npy")]
@@ -231,7 +240,7 @@ def test_a_killed_or_hung_process_ends_the_run_on_rank_0_with_the_groups_error(f
 
 def test_the_app_serves_from_rank_0_and_says_when_its_group_breaks(tmp_path):
     launcher = [MLX_LAUNCH, "--backend", "ring", "--starting-port", str(free_ports(2)), "-n", "2", "--"]
-    with running_app(tmp_path, launcher) as server:
+    with running_app(tmp_path, launcher=launcher) as server:
         client = Client(server.url, verbose=False)
         for seed in (7, 8):
             video, used_seed, settings, done, _ = run(client, "/text_to_video", prompt="a paper boat", width=96,

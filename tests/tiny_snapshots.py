@@ -103,8 +103,9 @@ def sample_image(width: int = 120, height: int = 80, seed: int = 0) -> Image.Ima
 
 
 def reference_frames(snapshot, prompt, negative_prompt, width, height, frames, steps, guidance, latents,
-                     image=None, shift=None) -> np.ndarray:
-    """diffusers' float32 frames (F, H, W, 3) in [0, 1] for the same snapshot and initial noise."""
+                     image=None, shift=None, loras=()) -> np.ndarray:
+    """diffusers' float32 frames (F, H, W, 3) in [0, 1] for the same snapshot and initial noise; `loras`:
+    (file, strength) pairs loaded with `load_lora_weights` and weighted with `set_adapters`."""
     pipe = WanPipeline.from_pretrained(str(snapshot), dtype=torch.float32)
     if shift is not None:
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=shift)
@@ -117,6 +118,13 @@ def reference_frames(snapshot, prompt, negative_prompt, width, height, frames, s
             transformer=pipe.transformer, expand_timesteps=True,
         )
         kwargs["image"] = image
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        # low_cpu_mem_usage=False: with it, peft leaves the lora_B biases the file lacks on the meta device (a file
+        # with diff_b for some layers only fails to run); without, they are zeros
+        pipe.load_lora_weights(str(path), adapter_name=name, low_cpu_mem_usage=False)
+    if loras:
+        pipe.set_adapters(names, adapter_weights=[strength for _, strength in loras])
     with torch.no_grad():
         return pipe(**kwargs).frames[0].astype(np.float32)
 

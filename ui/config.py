@@ -13,6 +13,8 @@ class StudioConfig:
     model: str  # as the engine's resolve_model accepts: "demo", a folder or a Hugging Face repo id
     preset: str  # the memory preset new sessions start with
     output_dir: Path
+    recommended: dict  # wan_engine.recommended_settings(model): the model's sampler and each sampler's settings
+    warmup: bool = True  # load the model and run a small warm-up generation at launch (handlers.Studio.warm_up)
     group: object = None  # wan_engine.ParallelGroup when mlx.launch started the app (this is rank 0), else None
 
     @property
@@ -24,13 +26,24 @@ class StudioConfig:
         return DEMO_SIZES if self.demo else MODEL_SIZES
 
     @property
+    def sampler(self) -> str:
+        """The sampler the page starts with: the model's own (dmd for a FastWan checkpoint)."""
+        return self.recommended["sampler"]
+
+    def sampler_settings(self, sampler: str) -> dict:
+        """Steps, guidance and shift that go with `sampler` on this model; the demo model's full-length samplers
+        take 10 steps, so a run takes seconds."""
+        settings = {key: self.recommended["by_sampler"][sampler][key] for key in ("steps", "guidance", "shift")}
+        if self.demo and sampler != "dmd":
+            settings["steps"] = 10
+        return settings
+
+    @property
     def defaults(self) -> dict:
         """The form's initial values, which are also the API's defaults. The real model's are Wan2.2's own
-        (5 s at 24 fps, 50 steps); the demo model's are small so a run takes seconds."""
+        (5 s at 24 fps, its sampler's steps); the demo model's are small so a run takes seconds."""
         width, height = self.sizes[0]
         return {
-            "width": width, "height": height,
-            "frames": 17 if self.demo else 121,
-            "steps": 10 if self.demo else 50,
-            "guidance": 5.0, "shift": 5.0, "seed": -1, "fps": 24,
+            "width": width, "height": height, "frames": 17 if self.demo else 121, "seed": -1, "fps": 24,
+            **self.sampler_settings(self.sampler),
         }

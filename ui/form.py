@@ -10,6 +10,8 @@ from wan_engine.pipeline import DEFAULT_NEGATIVE_PROMPT
 
 from .config import StudioConfig
 from .handlers import random_seed
+from .loras import HELP as LORA_HELP
+from .loras import lora_choices
 from .pictures import PictureInput, readable_picture
 from .sizes import crop_to_aspect, duration_text, parse_size, resolution_choices, size_for_aspect, size_label
 
@@ -45,6 +47,7 @@ class Form:
     shift: BoundedSlider
     seed: gr.Number
     fps: BoundedSlider
+    loras: gr.Dropdown
     generate: gr.Button
     stop: gr.Button
     image: gr.Image | None = None  # image to video only
@@ -53,7 +56,7 @@ class Form:
     def api_inputs(self) -> list:
         """The inputs of /text_to_video or /image_to_video, in the handlers' parameter order."""
         settings = [self.prompt, self.negative_prompt, self.width, self.height, self.frames, self.steps,
-                    self.guidance, self.shift, self.seed, self.fps]
+                    self.guidance, self.shift, self.seed, self.fps, self.loras]
         return settings if self.image is None else [self.image, *settings]
 
     @property
@@ -94,6 +97,9 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
     duration = gr.Markdown(duration_text(defaults["frames"], defaults["fps"]))
     with gr.Accordion("Negative prompt", open=False):
         negative_prompt = gr.Textbox(value=DEFAULT_NEGATIVE_PROMPT, label="Things to avoid", lines=3, info=NEGATIVE_PROMPT_HELP)
+    with gr.Accordion("LoRA adapters", open=False):
+        loras = gr.Dropdown(lora_choices(config.output_dir), value=[], multiselect=True, allow_custom_value=True,
+                            label="LoRAs", info=LORA_HELP)
     with gr.Accordion("Advanced: steps, guidance, shift, seed, fps", open=False):
         steps = BoundedSlider(1, 100, value=defaults["steps"], step=1, precision=0, label="Steps",
                               info="Denoising steps: more are slower and finer (Wan uses 50).")
@@ -118,7 +124,7 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
         resolution.change(text_size_fields, resolution, [width, height, custom_size], queue=False,
                           api_visibility="private")
     return Form(prompt, negative_prompt, resolution, width, height, frames, steps, guidance, shift, seed, fps,
-                generate, stop, image)
+                loras, generate, stop, image)
 
 
 def text_size_fields(resolution: str):

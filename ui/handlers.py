@@ -1,4 +1,5 @@
-"""The functions behind the buttons, which are also the API: /text_to_video, /image_to_video and /stop.
+"""The functions behind the buttons, which are also the API: /text_to_video, /image_to_video and /stop; and the
+model's warm-up at launch, whose progress each page shows until the model is ready.
 
 The two generation handlers are generators. Each yields (video, seed, settings, progress, preview) over and over:
 first with the previous result cleared, then a progress line (and a latent preview) per engine event, and
@@ -10,24 +11,30 @@ import io
 import logging
 import secrets
 import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
+from wan_engine import ProgressEvent, warm_up
 from wan_engine.engine import GenerationRequest, Result, validate
 from wan_engine.errors import Cancelled, WanError
 
 from . import history
 from .config import MAX_SEED, StudioConfig
 from .engine_cache import EngineCache
+from .loras import engine_loras
 from .pictures import open_picture
-from .progress import event_text, failed_text, finished_text, stopped_text, waiting_text
+from .progress import READY_TEXT, event_text, failed_text, finished_text, ready_text, stopped_text, waiting_text, \
+    warming_text
 from .runs import EngineThread, Run
 from .sizes import FRAME_STEP, SIZE_MULTIPLE, crop_to_aspect, size_for_aspect
 
 log = logging.getLogger("wan_studio")
 STOP_WAIT_S = 30  # Stop reports once the run has ended (within a step), or that it is ending after this long
+READINESS_POLL_S = 0.25  # how often a page that opened during the warm-up hears how it goes
+WARM_UP_SESSION = "warm-up"  # the warm-up's run belongs to no page, so no page's Stop ends it
 
 
 class Studio:
@@ -41,21 +48,25 @@ class Studio:
         self.previews_dir = Path(tempfile.mkdtemp(prefix="wan-studio-previews-"))
         history.remove_partials(config.output_dir)  # what runs killed while saving left behind
         history.make_missing_stills(config.output_dir)  # now, before any engine work (see history.py)
+        # The warm-up is the engine thread's first job: a Generate clicked meanwhile waits behind it, and finds the
+        # model loaded and its kernels compiled instead of starting a load of its own.
+        self.warm_up_run = self.engine_thread.start(WARM_UP_SESSION, self.warm_up, None) if config.warmup else None
 
     # -- the API ---------------------------------------------------------------------------------------------------
     def text_to_video(
-        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options,
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options,
         request: gr.Request,
     ):
-        """Text to video. Streams progress updates; ends with the video, the seed used and the settings."""
+        """Text to video. Streams progress updates; ends with the video, the seed used and the settings.
+        `loras`: a list of "name:strength" (ui/loras.py)."""
         generation = self.generation_request(
-            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
         )
         yield from self.run(generation, options, request.session_hash or "")
 
     def image_to_video(
-        self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options,
-        request: gr.Request,
+        self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras,
+        options, request: gr.Request,
     ):
         """Image to video: the video starts from `image`. Width and height 0 take the size from the image's aspect
         at the model's default area; explicit ones are honoured and the image is centre-cropped to their aspect.
@@ -63,7 +74,7 @@ class Studio:
         picture = open_picture(image)
         width, height = self.image_size(picture, width, height)
         generation = self.generation_request(
-            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
         )
         generation.image = str(self.save_first_frame(crop_to_aspect(picture, width, height)))
         yield from self.run(generation, options, request.session_hash or "")
@@ -86,7 +97,7 @@ class Studio:
 
     # -- checking and preparing a request ---------------------------------------------------------------------------
     def generation_request(
-        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, options
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
     ) -> GenerationRequest:
         """The engine request for these form values; gr.Error (saying what is allowed) when one is wrong."""
         if seed is None or seed == -1:
@@ -97,7 +108,7 @@ class Studio:
             prompt=prompt or "", negative_prompt=negative_prompt, width=whole("width", width),
             height=whole("height", height), frames=whole("frames", frames), steps=whole("steps", steps),
             guidance=number("guidance", guidance), shift=shift, sampler=options["sampler"], seed=seed,
-            fps=whole("fps", fps), preview=options["preview"],
+            fps=whole("fps", fps), preview=options["preview"], loras=engine_loras(loras, self.config.output_dir),
         )
         try:  # the engine's own checks, before a model is loaded; it checks again with the model's constraints
             validate(generation, SIZE_MULTIPLE, FRAME_STEP)
@@ -131,11 +142,36 @@ class Studio:
         if group is not None and group.broken:  # its engine's thread may be stuck in a collective for good
             raise gr.Error(group.broken_message())
         yield progress_update(waiting_text("Starting"))
-        run = self.engine_thread.start(
-            session, lambda run: self.generate(generation, options, run),
-            waiting_update=progress_update(waiting_text("Waiting for the previous run to finish")),
-        )
+        warming = self.warm_up_run is not None and not self.warm_up_run.finished.is_set()
+        ahead = "Getting the model ready: your run starts right after" if warming else \
+            "Waiting for the previous run to finish"
+        run = self.engine_thread.start(session, lambda run: self.generate(generation, options, run),
+                                       waiting_update=progress_update(waiting_text(ahead)))
         yield from run.stream()
+
+    def warm_up(self, run: Run):
+        """The warm-up, on the engine's thread: open the engine of the app's model and preset and run
+        wan_engine.warm_up, keeping its latest event in `run.last_event` for `readiness`. A failure is said on the
+        page and in the log; the first Generate then tries again and says what is wrong."""
+        start = time.perf_counter()
+        try:
+            engine = self.engines.get(self.config.model, self.config.preset,
+                                      report=lambda line: setattr(run, "last_event", ProgressEvent("load", line)))
+            for event in warm_up(engine):
+                run.last_event = event
+                yield event
+            run.outcome = ready_text(time.perf_counter() - start)
+        except Exception as error:  # the app keeps serving: a run shows the error again with its own message
+            log.exception("getting the model ready failed")
+            run.outcome = failed_text(f"getting the model ready: {error}. Generate tries again.")
+
+    def readiness(self):
+        """The page's progress line from the moment it opens: the warm-up's progress while it runs, then how it
+        ended (streamed, so a page opened during the warm-up shows when the model is ready)."""
+        run = self.warm_up_run
+        while run is not None and not run.finished.wait(READINESS_POLL_S):
+            yield warming_text(run.last_event)
+        yield run.outcome if run is not None and run.outcome else READY_TEXT
 
     def generate(self, generation: GenerationRequest, options: dict, run: Run):
         """The run itself, on the engine's thread: open the engine if needed, then generate, as output tuples."""

@@ -11,6 +11,7 @@ from PIL import Image
 
 from wan_engine import partial_name, remove_stale_partials
 
+from .loras import lora_items
 from .sizes import CUSTOM, matching_choice
 
 HISTORY_LIMIT = 60  # newest runs shown in the gallery
@@ -106,14 +107,16 @@ def input_picture(record: dict) -> str | None:
     return image if image and Path(image).is_file() else None
 
 
-def form_values(record: dict, sizes: list[tuple[int, int]], for_image: bool) -> list:
+def form_values(record: dict, sizes: list[tuple[int, int]], for_image: bool, output_dir: Path) -> list:
     """A past run's settings in the order of Form.restorable: resolution, [image], prompt, negative prompt, width,
-    height, frames, steps, guidance, shift, seed, fps. Image-to-video sizes come back as Custom, exactly as used."""
+    height, frames, steps, guidance, shift, seed, fps, LoRAs. Image-to-video sizes come back as Custom, exactly as
+    used."""
     settings = record["settings"]
     resolution = CUSTOM if for_image else matching_choice(settings["width"], settings["height"], sizes)
     values = [
         settings["prompt"], settings["negative_prompt"], settings["width"], settings["height"], settings["frames"],
         settings["steps"], settings["guidance"], settings["shift"], record["seed"], settings["fps"],
+        lora_items(settings.get("loras", []), output_dir),
     ]
     if for_image:
         values.insert(0, input_picture(record) or gr.skip())

@@ -18,7 +18,14 @@ from . import history
 from .config import StudioConfig
 from .form import Form, build_form
 from .handlers import Studio
+from .loras import lora_choices
+from .progress import READY_TEXT, warming_text
 
+SPEEDS = {"Quality": "unipc", "Fast, 3 steps": "dmd"}  # choice -> sampler
+SPEED_HELP = ("Fast: 3 distilled steps without guidance (DMD), for FastWan models or the base model with a "
+              "distillation LoRA; on the base model alone it is quick but rough. Quality: Wan's 50 steps.")
+SAMPLER_HELP = ("unipc: Wan's default. euler: simpler, needs more steps. dmd: few-step distilled sampling "
+                "(FastVideo's). Picking one sets its steps, guidance and shift.")
 TEXT_EXAMPLES = [
     "A corgi runs along a sunny beach as waves roll in, slow motion, golden hour",
     "Time-lapse of clouds drifting over snowy mountain peaks at sunrise",
@@ -70,35 +77,41 @@ def build_app(config: StudioConfig) -> gr.Blocks:
         gr.Markdown(header_text(config))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=340):
+                speed = gr.Radio(list(SPEEDS), value=speed_of(config.sampler), label="Speed", info=SPEED_HELP)
                 with gr.Tabs() as tabs:
                     with gr.Tab("Text to video", id="text"):
                         text_form = build_form(config, TEXT_EXAMPLES, for_image=False)
                     with gr.Tab("Image to video", id="image"):
                         image_form = build_form(config, IMAGE_EXAMPLES, for_image=True)
                 with gr.Accordion("Sampler, memory and live preview", open=False):
-                    sampler = gr.Radio(list(SAMPLERS), value="unipc", label="Sampler",
-                                       info="unipc: Wan's default. euler: simpler, needs more steps.")
+                    sampler = gr.Radio(list(SAMPLERS), value=config.sampler, label="Sampler", info=SAMPLER_HELP)
                     preset = gr.Radio(available_presets(), value=config.preset, label="Memory preset",
                                       info=preset_help())
                     live_preview = gr.Checkbox(True, label="Live preview",
                                                info="Show a rough picture of the video at each step.")
                 options = gr.State(run_options(sampler.value, preset.value, live_preview.value))
             with gr.Column(scale=1, min_width=340):
-                results = build_results()
+                results = build_results(warming_text(None) if config.warmup else READY_TEXT)
         past = build_history()
 
         gr.on([sampler.change, preset.change, live_preview.change], run_options, [sampler, preset, live_preview],
               options, queue=False, api_visibility="private")
         live_preview.change(lambda on: gr.Image(visible=on), live_preview, results.preview, queue=False,
                             api_visibility="private")
+        wire_speed(config, speed, sampler, text_form, image_form)
         wire_generation(text_form, studio.text_to_video, "text_to_video", options, results, past, studio)
         wire_generation(image_form, studio.image_to_video, "image_to_video", options, results, past, studio)
         # Stop sets the run's cancel token, and the run's own stream ends with "Stopped at step i/N". (Gradio's
         # `cancels` would cut that stream instead, racing its last updates against Stop's message.)
         gr.on([text_form.stop.click, image_form.stop.click], studio.stop, None, results.progress, api_name="stop",
               concurrency_limit=None)
-        wire_history(past, studio, config, tabs, sampler, text_form, image_form)
+        wire_history(past, studio, config, tabs, speed, sampler, text_form, image_form)
         app.load(studio.history, None, [past.gallery, past.records], api_visibility="private")
+        app.load(lambda: [gr.Dropdown(choices=lora_choices(config.output_dir))] * 2, None,
+                 [text_form.loras, image_form.loras], queue=False, api_visibility="private")  # files added since
+        # every page, however many, follows the warm-up until the model is ready
+        app.load(studio.readiness, None, results.progress, api_visibility="private", concurrency_limit=None,
+                 show_progress="hidden")
         # The browser draws an empty number as 0 until the server sends it a value; send "none yet".
         app.load(lambda: None, None, results.seed, queue=False, api_visibility="private")
     return app
@@ -121,12 +134,31 @@ def preset_help() -> str:
     return f"{descriptions} A change reloads the model on the next run."
 
 
+def speed_of(sampler: str) -> str:
+    return "Fast, 3 steps" if sampler == "dmd" else "Quality"
+
+
+def wire_speed(config: StudioConfig, speed, sampler, text_form: Form, image_form: Form) -> None:
+    """A speed or sampler picked on the page sets the other, and both tabs' steps, guidance and shift to what
+    goes with the sampler on this model (FastWan's 3 steps without guidance for dmd)."""
+    fields = [getattr(form, name) for form in (text_form, image_form) for name in ("steps", "guidance", "shift")]
+
+    def settings(name: str) -> list:
+        values = config.sampler_settings(name)
+        return [values[key] for _ in range(2) for key in ("steps", "guidance", "shift")]
+
+    speed.input(lambda choice: [SPEEDS[choice], *settings(SPEEDS[choice])], speed, [sampler, *fields],
+                queue=False, api_visibility="private")
+    sampler.input(lambda name: [speed_of(name), *settings(name)], sampler, [speed, *fields], queue=False,
+                  api_visibility="private")
+
+
 def run_options(sampler: str, preset: str, preview: bool) -> dict:
     return {"sampler": sampler, "preset": preset, "preview": preview}
 
 
-def build_results() -> Results:
-    progress = gr.Markdown("Ready. A run's progress shows here.", label="Progress", elem_id="progress",
+def build_results(progress_text: str) -> Results:
+    progress = gr.Markdown(progress_text, label="Progress", elem_id="progress",
                            container=True, min_height=48)
     preview = gr.Image(label="Live preview", type="numpy", interactive=False, height=180, elem_id="live-preview",
                        buttons=[], placeholder="A rough picture of the video appears here at each step.")
@@ -173,7 +205,7 @@ def wire_generation(form: Form, handler, api_name: str, options, results: Result
                api_visibility="private")
 
 
-def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, sampler, text_form: Form,
+def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, speed, sampler, text_form: Form,
                  image_form: Form) -> None:
     past.refresh.click(studio.history, None, [past.gallery, past.records], api_visibility="private")
 
@@ -190,11 +222,12 @@ def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, samp
         for_image = bool(record["settings"].get("image"))
         if for_image and history.input_picture(record) is None:
             gr.Warning("That run's first frame is no longer on disk: upload the picture again.")
-        filled = history.form_values(record, config.sizes, for_image)
+        filled = history.form_values(record, config.sizes, for_image, config.output_dir)
         other_form = text_form if for_image else image_form
         skipped = [gr.skip()] * len(other_form.restorable)
         forms = [*skipped, *filled] if for_image else [*filled, *skipped]
-        return gr.Tabs(selected="image" if for_image else "text"), record["settings"]["sampler"], *forms
+        sampler_used = record["settings"]["sampler"]
+        return gr.Tabs(selected="image" if for_image else "text"), speed_of(sampler_used), sampler_used, *forms
 
-    past.restore.click(restore, past.picked, [tabs, sampler, *text_form.restorable, *image_form.restorable],
+    past.restore.click(restore, past.picked, [tabs, speed, sampler, *text_form.restorable, *image_form.restorable],
                        api_visibility="private")

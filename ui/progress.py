@@ -13,6 +13,7 @@ STAGES = {
     "save": "Saving",
 }
 BAR_WIDTH = 20
+READY_TEXT = "Ready. A run's progress shows here."
 
 
 def bar(step: int, total: int) -> str:
@@ -29,6 +30,15 @@ def seconds(value: float) -> str:
 
 def waiting_text(what: str) -> str:
     return f"**{what}**"
+
+
+def warming_text(event) -> str:
+    """The warm-up's progress: '**Getting the model ready** · **Loading the model** loading the transformer'."""
+    return "**Getting the model ready**" + (f" · {event_text(event)}" if event is not None else "")
+
+
+def ready_text(elapsed_s: float) -> str:
+    return f"Ready: the model was prepared in {seconds(elapsed_s)}. A run's progress shows here."
 
 
 def event_text(event) -> str:
@@ -52,7 +62,9 @@ STAGE_TIMINGS = (("load_s", "loading"), ("text_s", "prompt"), ("image_s", "first
 
 
 def finished_text(result) -> str:
-    """'**Done** in 5.2 s · seed 7 · peak memory 21.47 GiB · saved as `...`' and, below, the time of each stage."""
+    """'**Done** in 5.2 s · seed 7 · peak memory 21.47 GiB MLX, 5.80 GiB process · saved as `...`' and, below,
+    the time of each stage. MLX's peak counts its arrays, the process's the physical memory all of it held (on a Mac
+    both come out of the same unified memory)."""
     timings = result.timings
     stages = []
     for key, label in STAGE_TIMINGS:
@@ -66,7 +78,8 @@ def finished_text(result) -> str:
                   "peak memory of rank 0 ")
     return (
         f"**Done** in {seconds(timings['total_s'])} · seed {result.seed} · "
-        f"{shared or 'peak memory '}{result.peak_memory_gib:.2f} GiB · saved as `{result.video_path.name}`  \n"
+        f"{shared or 'peak memory '}{result.peak_memory_gib:.2f} GiB MLX, {result.process_peak_rss_gib:.2f} GiB "
+        f"process · saved as `{result.video_path.name}`  \n"
         + " · ".join(stages) + "  \n" + tokens_text(result.prompt_tokens)
     )
 

@@ -8,14 +8,19 @@
 
 __version__ = "0.1.0"
 
-from .engine import CancelToken, Engine, GenerationRequest, ProgressEvent, Result  # noqa: E402
+from .engine import (  # noqa: E402
+    CancelToken, Engine, GenerationRequest, ProgressEvent, Result, recommended_settings,
+)
 from .errors import Cancelled, WanError  # noqa: E402
 from .images import open_image  # noqa: E402
+from .lora import parse_lora  # noqa: E402
 from .cache_files import partial_name  # noqa: E402
 from .video import remove_stale_partials  # noqa: E402
 from .parallel import ParallelGroup, join as join_group  # noqa: E402
+from .warmup import warm_up  # noqa: E402
 
 __all__ = [
     "CancelToken", "Cancelled", "Engine", "GenerationRequest", "ParallelGroup", "ProgressEvent", "Result", "WanError",
-    "join_group", "open_image", "partial_name", "remove_stale_partials",
+    "join_group", "open_image", "parse_lora", "partial_name", "recommended_settings", "remove_stale_partials",
+    "warm_up",
 ]

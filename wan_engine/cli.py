@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .errors import Cancelled, WanError
+from .lora import parse_lora
 from .hub import DEFAULT_MODEL
 
 
@@ -50,6 +51,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="the MP4 to write (default: outputs/wan-<time>-<seed>.mp4)")
     p.add_argument("--latents", default=None, help="initial noise .npy (1 x C x F x H/16 x W/16, float32)")
     p.add_argument("--save-frames", default=None, help="also save the decoded frames as .npy (F x H x W x 3, [0, 1])")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO_FILE[:STRENGTH]",
+                   help="fuse a LoRA (.safetensors) into the transformer: a local file or a Hub file written "
+                        "owner/repo/path/in/repo.safetensors, and its strength (default 1.0); repeatable")
 
 
 class ProgressBar:
@@ -103,7 +107,7 @@ def run_generate(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image, width=args.width,
         height=args.height, frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
         sampler=args.sampler, seed=args.seed, fps=args.fps, latents=latents, output=args.output,
-        keep_frames=bool(args.save_frames),
+        keep_frames=bool(args.save_frames), loras=[parse_lora(argument) for argument in args.lora],
     )
     bar = ProgressBar()
     engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download, group=group)
@@ -130,7 +134,8 @@ def run_generate(args) -> int:
         print(f"note: the prompt has {tokens['total']} tokens; the model read the first {tokens['used']}",
               file=sys.stderr)
     print(f"seed {result.seed}")
-    print(f"wrote {result.video_path} ({result.timings['total_s']:.1f} s, MLX peak {result.peak_memory_gib:.2f} GiB)")
+    print(f"wrote {result.video_path} ({result.timings['total_s']:.1f} s, MLX peak {result.peak_memory_gib:.2f} GiB, "
+          f"process peak {result.process_peak_rss_gib:.2f} GiB)")
     if result.parallel:
         print(f"shared by {result.parallel['ranks']} processes (guidance x{result.parallel['guidance']}, "
               f"sequence x{result.parallel['sequence']})")
@@ -165,13 +170,30 @@ def run_convert(args) -> int:
     return 0
 
 
+def add_download_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p)
+    p.add_argument("--preset", action="append", default=[],
+                   help="also prepare this memory preset (normal, low-ram or a .json path; repeatable): convert the "
+                        "weights as it loads them, kept on disk, and compile the GPU kernels with a short warm-up run")
+    p.add_argument("--dtype", default=None, help="the dtype to prepare for (default: as generate's)")
+
+
 def run_download(args) -> int:
+    from .engine import Engine
     from .hub import resolve_model
+    from .warmup import warm_up
 
     bar = ProgressBar()
-    path = resolve_model(args.model, bar.download)
-    bar.close()
-    print(f"{args.model} is ready in {path}")
+    try:
+        path = resolve_model(args.model, bar.download)
+        for preset in args.preset:
+            engine = Engine(args.model, dtype=args.dtype, preset=preset)
+            for event in warm_up(engine):
+                bar.update(event)
+            engine.release()
+    finally:
+        bar.close()  # an error message then starts on a line of its own
+    print(f"{args.model} is ready in {path}" + (f", prepared for {', '.join(args.preset)}" if args.preset else ""))
     return 0
 
 
@@ -179,7 +201,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_engine", description="Wan2.2 TI2V-5B on MLX")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(commands.add_parser("generate", help="text or image to video"))
-    add_model_argument(commands.add_parser("download", help="fetch a model from the Hugging Face Hub ahead of time"))
+    add_download_arguments(commands.add_parser("download", help="fetch a model from the Hugging Face Hub (and prepare "
+                                                                "presets) ahead of time"))
     add_convert_arguments(commands.add_parser("convert", help="write a bf16 / q8 / q4 package that generate loads"))
     args = parser.parse_args(argv)
     # transformers (tokenizer only here) warns at import that PyTorch is absent, which is how we run

@@ -7,6 +7,7 @@ preset decides what is quantized, what is released between stages, and how the V
 """
 
 import dataclasses
+import functools
 import gc
 import secrets
 import threading
@@ -21,8 +22,13 @@ import numpy as np
 from . import __version__
 from .demo import DEMO_NOTICE, cache_root
 from .errors import Cancelled, WanError
-from .hub import resolve_model
+from .config import SchedulerConfig
+from .converted import ConvertedWeights
+from .hub import find_local_model, resolve_model
+from .kernel_cache import keep_compiled_kernels
 from .loading import Snapshot
+from .lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
+from .memory import process_peak_rss_gib
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
     from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
@@ -35,6 +41,7 @@ from .text_encoder import count_tokens, encode_prompts, prompt_clean
 from .video import VideoOutput, prepare_folder, remove_stale_partials
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+WAN22_FLOW_SHIFT = 5.0  # Wan-AI/Wan2.2-TI2V-5B-Diffusers' scheduler config
 TEXT_LENGTH = 512  # Wan's text length: prompts are padded (with zeros past their end) to 512 tokens
 
 
@@ -91,6 +98,9 @@ class GenerationRequest:
     output: str | None = None  # the MP4 path; None: a timestamped name under the engine's output folder
     keep_frames: bool = False  # return the float frames in the result (for --save-frames and tests)
     preview: bool = False  # attach a small RGB preview of the latents to each denoising event
+    # LoRAs fused into the transformer, in order: (reference, strength), the reference a local .safetensors path or a
+    # Hub file written owner/repo/path/in/repo.safetensors; strength as diffusers' adapter weight (1.0: as trained)
+    loras: list = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +126,7 @@ class Result:
     peak_memory_gib: float
     prompt_tokens: dict  # {"used", "total", "limit"}: the model reads the first `limit` tokens of the prompt
     frames: np.ndarray | None = field(default=None, repr=False)
+    process_peak_rss_gib: float = 0.0  # the whole process's peak physical memory so far (memory.py)
     parallel: dict | None = None  # a group's run: {"ranks", "guidance", "sequence", ...} (wan_engine.parallel)
 
 
@@ -142,6 +153,36 @@ def validate(request: GenerationRequest, size_multiple: int, frame_step: int) ->
         raise WanError(f"seed {request.seed} is not allowed: it must be between 0 and 2^63-1")
 
 
+def drain(events):
+    """Run a generator of progress events to its end, unheard; what it returns."""
+    while True:
+        try:
+            next(events)
+        except StopIteration as end:
+            return end.value
+
+
+def model_sampler(snapshot: Snapshot) -> str:
+    """The sampler a model is made for. FastVideo's DMD-distilled checkpoints (FastWan2.2-TI2V-5B) name its
+    `WanDMDPipeline` in model_index.json: they default to the dmd sampler, 3 steps, no guidance."""
+    return "dmd" if snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
+
+
+def recommended_settings(model: str) -> dict:
+    """For a form filled before any engine is opened: {"sampler": the model's own sampler, "by_sampler": {name:
+    {sampler, steps, guidance, shift}}}, read from the model's files when they are on this machine (nothing is
+    downloaded), else those of Wan2.2 TI2V-5B (UniPC, flow shift 5)."""
+    snapshot = None
+    if root := find_local_model(model):
+        try:
+            snapshot = Snapshot.open(root)
+        except WanError:  # a broken folder: the engine says what is wrong when a run opens it
+            pass
+    config = snapshot.scheduler_config if snapshot else SchedulerConfig(flow_shift=WAN22_FLOW_SHIFT)
+    return {"sampler": model_sampler(snapshot) if snapshot else "unipc",
+            "by_sampler": {name: sampler_defaults(name, config) for name in SAMPLERS}}
+
+
 def apply_memory_limits(preset: Preset) -> None:
     """MLX's allocator limits of the preset (they hold for the whole process)."""
     if preset.memory_limit_gib:
@@ -155,6 +196,7 @@ class Engine:
 
     def __init__(self, model, dtype: str | None = None, preset: str = "normal", output_dir="outputs",
                  download_progress=None, prompt_cache: PromptEmbeddingCache | None = None, group=None):
+        keep_compiled_kernels()  # before anything compiles
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
             raise WanError(f"dtype {dtype!r} is not allowed: choose one of {', '.join(DTYPES)}")
@@ -175,8 +217,11 @@ class Engine:
         self.normalizer = LatentNormalizer(self.vae_config)
         self.prompt_cache = prompt_cache or PromptEmbeddingCache(cache_root() / "prompt-embeddings")
         self.text_identity = encoder_identity(self.root, dtype, self.preset.text_encoder_quantization)
+        self.converted = ConvertedWeights(self.snapshot, cache_root() / "converted")  # converted once, kept on disk
         self.parts = {}  # name -> loaded module: tokenizer, text_encoder, transformer, vae
         self.preview_map = None  # latent -> RGB map, calibrated on the first run that asks for previews
+        self.download_progress = download_progress  # Hub LoRAs are fetched when a request names them
+        self.fused = AdapterSet()  # the LoRAs the loaded transformer holds
         apply_memory_limits(self.preset)
 
     @property
@@ -187,8 +232,7 @@ class Engine:
     # -- loading and releasing -------------------------------------------------------------------------------------
     def part(self, name: str):
         """A part, loaded if it is not (no progress events): for the other processes of a group."""
-        for _ in self._load(name, {}):
-            pass
+        drain(self._load(name, {}))
         return self.parts[name]
 
     def _load(self, name: str, timings: dict):
@@ -198,22 +242,23 @@ class Engine:
         label = name.replace("_", " ")
         start = time.perf_counter()
         yield ProgressEvent("load", f"loading the {label}")
-        snapshot, preset = self.snapshot, self.preset
+        preset, origin = self.preset, "its files"
         if name == "tokenizer":
-            part = snapshot.load_tokenizer()
+            part = self.snapshot.load_tokenizer()
         elif name == "text_encoder":
-            part = snapshot.load_text_encoder(self.dtype, quantize=preset.text_encoder_quantization)
+            part, origin = self.converted.load(name, self.dtype, preset.text_encoder_quantization)
         elif name == "transformer":
-            part = snapshot.load_transformer(self.dtype, quantize=preset.transformer_quantization)
+            part, origin = self.converted.load(name, self.dtype, preset.transformer_quantization)
+            self.fused = AdapterSet()  # a fresh transformer holds the snapshot's weights
             part.block_lookahead = preset.block_lookahead
             if preset.compile:
                 part.compile()
         else:
-            part = snapshot.load_vae(self.dtype)
+            part, origin = self.converted.load(name, self.dtype)
         self.parts[name] = part
         elapsed = time.perf_counter() - start
         timings["load_s"] = round(timings.get("load_s", 0.0) + elapsed, 4)
-        yield ProgressEvent("load", f"loaded the {label} in {elapsed:.1f} s", elapsed_s=elapsed,
+        yield ProgressEvent("load", f"loaded the {label} from {origin} in {elapsed:.1f} s", elapsed_s=elapsed,
                             memory_gib=gib(mx.get_active_memory()))
 
     def release(self, *names: str) -> None:
@@ -260,18 +305,63 @@ class Engine:
         yield from self._load("vae", timings)
         self.preview_map = calibrate(self.parts["vae"], self.normalizer, self.vae_config.scale_factor_spatial)
 
+    # -- LoRA adapters (lora.py) -----------------------------------------------------------------------------------
+    @functools.cached_property
+    def transformer_shapes(self) -> dict:
+        return transformer_shapes(self.transformer_config)
+
+    def _read_loras(self, pairs: list):
+        """A request's LoRAs ((reference, strength) pairs), read and checked against the transformer before anything
+        is loaded or fused, so a bad file changes nothing."""
+        loras = []
+        for item in pairs:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise WanError(f"LoRA {item!r} is not allowed: give (path or owner/repo/file.safetensors, strength)")
+            yield ProgressEvent("load", f"reading the LoRA {item[0]}")
+            loras.append(read_lora(item[0], item[1], self.transformer_shapes, self.download_progress))
+        return loras
+
+    def _fuse_loras(self, loras: list, timings: dict):
+        """Make the loaded transformer hold exactly `loras` (reloading the layers an earlier set changed); nothing
+        to do when it holds them already."""
+        wanted = adapter_set(loras)
+        if wanted.identity == self.fused.identity:
+            return
+        start = time.perf_counter()
+        model = self.parts["transformer"]
+        # until done, a failure leaves every layer either set touches to be reloaded by the next run
+        self.fused = AdapterSet(None, self.fused.layers | wanted.layers)
+        reloaded = 0
+        for reloaded, total in fuse(self.snapshot, model, self.dtype, loras, self.fused):
+            yield ProgressEvent("load", "fusing LoRAs", reloaded, total, memory_gib=gib(mx.get_active_memory()))
+        self.fused = wanted
+        if self.preset.compile:
+            model.compile()  # compiled blocks hold the weights they were traced with
+        elapsed = time.perf_counter() - start
+        timings["load_s"] = round(timings.get("load_s", 0.0) + elapsed, 4)
+        ignored = sum(len(lora.ignored) for lora in loras)
+        yield ProgressEvent("load", f"the transformer holds {len(loras)} LoRAs: {reloaded} layers reloaded in "
+                            f"{elapsed:.1f} s" + (f", {ignored} keys ignored as diffusers ignores them" if ignored else ""),
+                            elapsed_s=elapsed, memory_gib=gib(mx.get_active_memory()))
+
+    def hold_loras(self, pairs: list) -> None:
+        """The loaded transformer fused with `pairs`, without progress events: for the other processes of a group,
+        which take rank 0's LoRAs."""
+        drain(self._fuse_loras(drain(self._read_loras(pairs)), {}))
+
     def vae_tile(self, width: int, height: int):
         tile = self.preset.vae_tile
         return tile if tile is not None and width * height >= tile.get("min_pixels", 0) else None
 
     # -- generation ------------------------------------------------------------------------------------------------
-    def settings(self, request: GenerationRequest, seed: int, negative: str) -> dict:
+    def settings(self, request: GenerationRequest, seed: int, negative: str, loras: list = ()) -> dict:
         return {
             "prompt": request.prompt, "negative_prompt": negative,
             "image": None if request.image is None else str(getattr(request.image, "filename", "") or request.image),
             "width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps,
             "guidance": request.guidance, "shift": self.shift(request), "sampler": request.sampler, "seed": seed,
             "fps": request.fps, "dtype": self.dtype_name, "model": self.model, "preset": self.preset.name,
+            "loras": [lora.record() for lora in loras],
         }
 
     def shift(self, request: GenerationRequest) -> float:
@@ -279,11 +369,8 @@ class Engine:
 
     def defaults(self, sampler: str | None = None) -> dict:
         """The recommended {sampler, steps, guidance, shift} of this model (of `sampler` on it, when given), which
-        a request's unset settings take. FastVideo's DMD-distilled checkpoints (FastWan2.2-TI2V-5B) name its
-        `WanDMDPipeline` in model_index.json: they default to the dmd sampler, 3 steps, no guidance."""
-        if sampler is None:
-            sampler = "dmd" if self.snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
-        return sampler_defaults(sampler, self.scheduler_config)
+        a request's unset settings take (see `model_sampler`)."""
+        return sampler_defaults(sampler or model_sampler(self.snapshot), self.scheduler_config)
 
     def with_defaults(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with its unset sampler, steps, guidance and shift taken from `defaults`."""
@@ -319,17 +406,19 @@ class Engine:
         remove_stale_partials(video_path.parent)
         use_cfg = request.guidance > 1.0
         preset = self.preset
+        loras = yield from self._read_loras(request.loras)
 
         mx.reset_peak_memory()
         timings = {}
         run_start = time.perf_counter()
 
-        stage_peaks = {}
+        stage_peaks, stage_rss = {}, {}
 
         def lap(name, since):
-            """Close a stage: its time, and the MLX peak since the previous stage closed."""
+            """Close a stage: its time, the MLX peak since the previous stage closed, and the process's peak so far."""
             timings[name] = round(time.perf_counter() - since, 4)
             stage_peaks[name.removesuffix("_s")] = gib(mx.get_peak_memory())
+            stage_rss[name.removesuffix("_s")] = process_peak_rss_gib()
             mx.reset_peak_memory()
 
         yield ProgressEvent("text", "encoding the prompt" + (" and the negative prompt" if use_cfg else ""))
@@ -365,6 +454,7 @@ class Engine:
         plan = None if self.group is None else self.group.start_run(self, request, seed, context, noise, condition)
 
         yield from self._load("transformer", timings)
+        yield from self._fuse_loras(loras, timings)
         scheduler = make_scheduler(request.sampler, request.steps, request.shift, self.scheduler_config,
                                    step_noise_key(seed))
         steps = generate_latents(self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel,
@@ -373,6 +463,8 @@ class Engine:
         for i, latents in enumerate(steps, start=1):
             elapsed = time.perf_counter() - start
             per_step = elapsed / i
+            if i == 1:  # the first step compiles what the run's shapes need: measured apart
+                timings["denoise_first_step_s"] = round(elapsed, 4)
             preview = latent_preview(latents, self.preview_map) if request.preview else None
             yield ProgressEvent("denoise", f"step {i}/{request.steps}", i, request.steps, elapsed, per_step,
                                 per_step * (request.steps - i), gib(mx.get_active_memory()), preview)
@@ -385,7 +477,7 @@ class Engine:
 
         yield from self._load("vae", timings)
         start = time.perf_counter()
-        settings = self.settings(request, seed, negative)
+        settings = self.settings(request, seed, negative, loras)
         # ffmpeg encodes each decoded chunk while the next one decodes; the video and its sidecar land together
         # at the end, or nothing does (a cancelled or failed run leaves no file).
         output = VideoOutput(video_path, request.width, request.height, request.fps,
@@ -413,7 +505,8 @@ class Engine:
             peak = max(stage_peaks.values())
             record = {
                 "seed": seed, "settings": settings, "timings": timings, "peak_memory_gib": peak,
-                "stage_peak_memory_gib": stage_peaks, "prompt_tokens": prompt_tokens,
+                "stage_peak_memory_gib": stage_peaks, "process_peak_rss_gib": process_peak_rss_gib(),
+                "stage_process_peak_rss_gib": stage_rss, "prompt_tokens": prompt_tokens,
                 "engine_version": __version__, "video": video_path.name,
                 "created": datetime.now().isoformat(timespec="seconds"),
             }
@@ -428,7 +521,8 @@ class Engine:
             output.abort()
             raise
         yield Result(video_path, sidecar, seed, settings, timings, peak, prompt_tokens,
-                     np.concatenate(frames_float) if request.keep_frames else None, parallel)
+                     np.concatenate(frames_float) if request.keep_frames else None, record["process_peak_rss_gib"],
+                     parallel)
 
     def output_path(self, request: GenerationRequest, seed: int) -> Path:
         if request.output:

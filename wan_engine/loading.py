@@ -172,37 +172,65 @@ class Snapshot:
         except (OSError, ValueError) as e:
             raise WanError(f"could not load the tokenizer from {self.root / 'tokenizer'}: {e}") from None
 
-    def load_transformer(self, dtype, progress=None, quantize: dict = None):
-        """The transformer in `dtype`. Linears stored quantized stay quantized; `quantize` ({"bits", "group_size"})
-        also quantizes the policy's layers (quantize.TRANSFORMER_LAYERS) that are stored in full precision."""
+    def new_model(self, component: str):
+        """The model of `component` (transformer, vae or text_encoder) with its config, lazily initialised: nothing is
+        computed or allocated until its weights are loaded."""
+        from .text_encoder import UMT5Encoder
         from .transformer import WanTransformer
-
-        model = WanTransformer(self.transformer_config)
-        return self._load("transformer", model, dtype, TRANSFORMER_FP32_PARAMETERS, progress, quantize)
-
-    def load_vae(self, dtype, progress=None):
         from .vae import WanVAE
 
-        return self._load("vae", WanVAE(self.vae_config), dtype, (), progress)
+        if component == "transformer":
+            return WanTransformer(self.transformer_config)
+        if component == "vae":
+            return WanVAE(self.vae_config)
+        return UMT5Encoder(self.text_encoder_config)
+
+    @staticmethod
+    def keep_fp32(component: str, dtype) -> tuple:
+        """Parameters of `component` that stay float32 when it runs in `dtype` (matched as substrings of names)."""
+        if component == "transformer":
+            return TRANSFORMER_FP32_PARAMETERS
+        if component == "text_encoder" and dtype == mx.float16:
+            return TEXT_ENCODER_FP16_KEEP_FP32
+        return ()
+
+    def load(self, component: str, dtype, progress=None, quantize: dict = None):
+        """`component`'s model in `dtype`. Linears stored quantized stay quantized; `quantize` ({"bits", "group_size"})
+        also quantizes the component's policy layers (quantize.POLICIES; the VAE has none) stored in full precision."""
+        model = self.new_model(component)
+        return self._load(component, model, dtype, self.keep_fp32(component, dtype), progress, quantize)
+
+    def load_transformer(self, dtype, progress=None, quantize: dict = None):
+        return self.load("transformer", dtype, progress, quantize)
+
+    def load_vae(self, dtype, progress=None):
+        return self.load("vae", dtype, progress)
 
     def load_text_encoder(self, dtype, progress=None, quantize: dict = None):
-        """The UMT5 encoder in `dtype`; `quantize` as for `load_transformer` (quantize.TEXT_ENCODER_LAYERS)."""
-        from .text_encoder import UMT5Encoder
+        return self.load("text_encoder", dtype, progress, quantize)
 
-        keep = TEXT_ENCODER_FP16_KEEP_FP32 if dtype == mx.float16 else ()
-        model = UMT5Encoder(self.text_encoder_config)
-        return self._load("text_encoder", model, dtype, keep, progress, quantize)
+    def read(self, component: str) -> tuple[dict, dict, bool]:
+        """`component`'s weights in whichever format they are, lazily mapped, under our names; the first shard's
+        header metadata; and whether they are channels-last (written by MLX for mlx-gen)."""
+        weights, metadata = read_weights(self.root / component)
+        mlxgen = written_by_mlxgen(metadata) and component in MLXGEN_SANITIZERS
+        if mlxgen:
+            weights = MLXGEN_SANITIZERS[component](weights)
+        return weights, metadata, mlxgen
+
+    def reload_transformer_layers(self, model, weights: dict, dtype, channels_last: bool) -> None:
+        """Replace some parameters of the loaded transformer `model` by checkpoint tensors (our names, as `read`
+        gives them), converted exactly as `load_transformer` converts them: layout, dtype, quantization."""
+        load_into(model, weights, dtype, TRANSFORMER_FP32_PARAMETERS, channels_last=channels_last, partial=True)
 
     def _load(self, component, model, dtype, keep_fp32, progress, quantize=None):
         """Read `component`'s weights in whichever format they are, give `model` the quantized layers they hold
         (and those of its policy that `quantize` asks for), then load them."""
         folder = self.root / component
         layers = POLICIES.get(component)
-        weights, metadata = read_weights(folder)
+        weights, metadata, mlxgen = self.read(component)
         bits = (self.quantization(component) or {}).get("bits")
-        mlxgen = written_by_mlxgen(metadata) and component in MLXGEN_SANITIZERS
         if mlxgen:
-            weights = MLXGEN_SANITIZERS[component](weights)
             level = metadata.get("quantization_level", "None")
             bits = int(level) if level.isdigit() else None
         try:

@@ -42,15 +42,7 @@ def quantization_plan(quantize: str, quantize_text_encoder: bool) -> dict:
 
 def build_models(source: Snapshot) -> dict:
     """component -> its model, lazily initialised (nothing is computed or allocated until evaluated)."""
-    from .text_encoder import UMT5Encoder
-    from .transformer import WanTransformer
-    from .vae import WanVAE
-
-    return {
-        "transformer": WanTransformer(source.transformer_config),
-        "vae": WanVAE(source.vae_config),
-        "text_encoder": UMT5Encoder(source.text_encoder_config),
-    }
+    return {component: source.new_model(component) for component in ("transformer", "vae", "text_encoder")}
 
 
 def stored_bytes(value: mx.array) -> int:

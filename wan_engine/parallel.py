@@ -249,7 +249,8 @@ class ParallelGroup:
         layout = Layout.choose(self.size, context.shape[0] == 2)
         plan = RankPlan(self, layout, engine, request_fields := {
             "width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps,
-            "guidance": request.guidance, "shift": request.shift, "sampler": request.sampler, "seed": seed})
+            "guidance": request.guidance, "shift": request.shift, "sampler": request.sampler, "seed": seed,
+            "loras": [list(pair) for pair in request.loras]})  # each process fuses them (the same files there)
         header = {
             "kind": "run", "model": engine.model, "preset": engine.preset_source, "dtype": engine.dtype_name,
             "layout": layout.as_dict(), "request": request_fields,
@@ -333,6 +334,7 @@ def follow(engine, plan: "RankPlan", arrays: dict) -> None:
     if preset.release_transformer_before_decode:
         engine.release("vae")
     transformer = engine.part("transformer")
+    engine.hold_loras(request["loras"])
     scheduler = make_scheduler(request["sampler"], request["steps"], request["shift"], engine.scheduler_config,
                                step_noise_key(request["seed"]))
     condition = arrays.get("condition")

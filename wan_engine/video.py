@@ -215,16 +215,16 @@ class VideoOutput:
             path.unlink(missing_ok=True)
 
     def _check_readable(self) -> None:
-        """ffmpeg reads the file back (its container and every packet, without decoding) and counts the frames."""
+        """ffmpeg reads the file back (its container and every packet, without decoding) and lists one checksum
+        line per frame (`framecrc`: the same output in every ffmpeg version, unlike its statistics line)."""
         check = subprocess.run(
             [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(self.partial), "-map", "0:v:0",
-             "-c", "copy", "-f", "null", "-progress", "pipe:1", "-"], capture_output=True, text=True,
+             "-c", "copy", "-f", "framecrc", "-"], capture_output=True, text=True,
         )
-        counts = re.findall(r"^frame=(\d+)$", check.stdout, re.MULTILINE)
-        if check.returncode != 0 or not counts or int(counts[-1]) != self.frames:
-            found = counts[-1] if counts else "no"
+        frames = sum(1 for line in check.stdout.splitlines() if line and not line.startswith("#"))
+        if check.returncode != 0 or frames != self.frames:
             raise WanError(f"could not save the video in {self.path.parent}: the written file does not read back "
-                           f"({found} frames of {self.frames}; {check.stderr.strip()[:300] or 'no message'})")
+                           f"({frames} frames of {self.frames}; {check.stderr.strip()[:300] or 'no message'})")
 
     def failure(self, error: BaseException | None, what: str = "") -> WanError:
         """The error to show for a failed write: which folder, what failed, and for a full disk how much room the
