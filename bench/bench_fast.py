@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from bench_gpu import FULL, TINY, build_snapshot, guarded, log  # noqa: E402
+from bench_gpu import guarded, log, setup  # noqa: E402
 from wan_engine.engine import Engine, GenerationRequest  # noqa: E402
 from wan_engine.lora import transformer_shapes  # noqa: E402
 from wan_engine.loading import Snapshot  # noqa: E402
@@ -121,13 +120,7 @@ def main():
     parser.add_argument("--rank", type=int, default=128)
     args = parser.parse_args()
 
-    sizes = TINY if args.tiny else FULL
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    root = Path(args.snapshot)
-    if not (root / "model_index.json").exists():
-        build_snapshot(root, sizes, device)
+    sizes, _, dtype, gpu, root = setup(args.tiny, args.snapshot)
     seed = next(case for case in sizes["cases"] if case["name"] == "seed-17f")
     lora_case = {**seed, "lora_steps": 6}
     dmd_cases = [{**seed, "name": "dmd-17f"}, {**seed, "name": "dmd-121f", "frames": 121 if not args.tiny else 33}]

@@ -273,6 +273,18 @@ def guarded(measure) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def setup(tiny: bool, snapshot: str) -> tuple:
+    """(sizes, torch device, our dtype, GPU name, snapshot folder) of a run; the random snapshot built if missing."""
+    sizes = TINY if tiny else FULL
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    root = Path(snapshot)
+    if not (root / "model_index.json").exists():
+        build_snapshot(root, sizes, device)
+    return sizes, device, dtype, gpu, root
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on this machine (a test of the script)")
@@ -283,13 +295,7 @@ def main():
     parser.add_argument("--skip", default="", help="variants to leave out, e.g. 121f:ours_low_ram")
     args = parser.parse_args()
 
-    sizes = TINY if args.tiny else FULL
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    root = Path(args.snapshot)
-    if not (root / "model_index.json").exists():
-        build_snapshot(root, sizes, device)
+    sizes, device, dtype, gpu, root = setup(args.tiny, args.snapshot)
     out_dir = Path(tempfile.mkdtemp(prefix="bench-videos-"))
     report = {"device": gpu, "date": date.today().isoformat(), "mlx": mx.__version__, "torch": torch.__version__,
               "dtype": dtype, "cases": []}

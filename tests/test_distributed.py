@@ -2,8 +2,9 @@
 with the ring backend on localhost, each on ports of its own (tests may run side by side).
 
 Frames from 2 and 4 processes equal one process's (float32, tiny snapshots) for text to video with and without
-guidance, image to video, both presets, and a LoRA (fused by every process) with the dmd sampler: at 2 processes guidance-parallel or sequence-parallel, at 4 both at
-once (two halves of two) or sequence-parallel over 4 (whose 6 tokens a frame split unevenly: 2, 1, 2, 1). The
+guidance, image to video, both presets, and a LoRA (fused by every process) with the dmd sampler: at 2 processes
+guidance-parallel or sequence-parallel, at 4 both at once (two halves of two) or sequence-parallel over 4 (whose 6
+tokens a frame split unevenly: 2, 1, 2, 1). The
 K/V all-gather has no constraint on the head counts, so the snapshots' heads (2 and 3) need none either. A cancel
 and a closed run on rank 0 stop every process (the runs after them, on the same processes, are still exact); a
 killed or hung process ends the run on rank 0 with the group's error within the timeout; the CLI writes one video
