@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         print(f"Waiting for the {group.size - 1} other processes of the group to open the model", flush=True)
         group.wait_for_all()  # before the warm-up, which in a group is a shared run
     app = build_app(StudioConfig(model, args.preset, output_dir, recommended_settings(model), not args.no_warmup,
-                                 group))
+                                 group, args.queue_size))
     app.queue(max_size=args.queue_size)
     try:
         _, local_url, share_url = app.launch(

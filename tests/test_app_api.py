@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from gradio_client.utils import Status
 from PIL import Image
 
 import app
@@ -150,21 +149,24 @@ def test_stop_ends_the_run_within_a_step_and_the_next_run_works(client, app_serv
     assert read_video(video)[0].shape[0] == 5 and seed == 4
 
 
-def test_two_clients_wait_in_the_queue_and_both_are_served(app_server):
-    first, second = Client(app_server.url, verbose=False), Client(app_server.url, verbose=False)
+def test_clients_wait_in_line_see_their_place_and_stop_leaves_the_line(app_server):
+    first, second, third = (Client(app_server.url, verbose=False) for _ in range(3))
     long_run = first.submit(api_name="/text_to_video", prompt="first in line", width=160, height=96, frames=33,
                             steps=30, seed=21)
     wait_until(lambda: any("Denoising" in update[3] for update in long_run.outputs()))
-    short_run = second.submit(api_name="/text_to_video", prompt="second in line", width=96, height=64, frames=5,
-                              steps=2, seed=22)
-    seen = []
-    while not short_run.done():
-        seen.append(short_run.status())
-        time.sleep(0.02)
-    queued = [status for status in seen if status.code == Status.IN_QUEUE]
-    assert queued and queued[0].rank is not None, [status.code for status in seen]  # it saw its place in line
+    second_run = second.submit(api_name="/text_to_video", prompt="second in line", width=96, height=64, frames=5,
+                               steps=2, seed=22)
+    wait_until(lambda: second_run.outputs())
+    third_run = third.submit(api_name="/text_to_video", prompt="third in line", width=96, height=64, frames=5,
+                             steps=2, seed=23)
+    wait_until(lambda: any("Waiting" in update[3] for update in third_run.outputs()))
+    assert "Waiting for 2 runs ahead of yours" in third_run.outputs()[-1][3]  # it saw its place in line
+    assert "Stopped" in second.predict(api_name="/stop")  # while it waits: it leaves the line, never runs
     assert long_run.result(timeout=TIMEOUT_S)[1] == 21
-    assert short_run.result(timeout=TIMEOUT_S)[1] == 22
+    assert third_run.result(timeout=TIMEOUT_S)[1] == 23
+    video, seed, _, progress, _ = second_run.result(timeout=TIMEOUT_S)
+    assert (video, seed) == (None, None) and progress.startswith("**Stopped**")
+    assert not list(app_server.output_dir.glob("wan-*-22.*"))
 
 
 def status_of(url: str) -> int:

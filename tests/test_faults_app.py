@@ -114,18 +114,22 @@ def test_hostile_pictures_are_refused_naming_the_upload_and_the_app_keeps_servin
 
 
 def test_several_clients_with_stops_in_between_get_whole_videos_or_a_clean_stop(app):
-    """Four clients at once: one presses Stop while its run is denoising, one withdraws its request while it waits
-    in line; the other two get their videos, and the folder holds exactly those."""
+    """Four clients at once: one presses Stop while its run is denoising, one while it waits in line; the other
+    two get their videos, and the folder holds exactly those."""
     clients = [Client(app.url, verbose=False) for _ in range(4)]
     before = set(videos_and_sidecars(app.output_dir))
-    jobs = [client.submit(api_name="/text_to_video", prompt=f"client {i}", width=96, height=64, frames=9,
-                          steps=40 if i == 0 else 4, seed=100 + i) for i, client in enumerate(clients)]
+    jobs = [clients[0].submit(api_name="/text_to_video", prompt="client 0", width=256, height=256, frames=33,
+                              steps=100, seed=100)]
     wait_until(lambda: any("Denoising" in update[3] for update in jobs[0].outputs()))
-    assert jobs[2].cancel()  # still waiting in line: it never starts
+    jobs += [client.submit(api_name="/text_to_video", prompt=f"client {i}", width=96, height=64, frames=9, steps=4,
+                           seed=100 + i) for i, client in enumerate(clients[1:], start=1)]
+    wait_until(lambda: any("Waiting" in update[3] for update in jobs[2].outputs()))
+    assert "Stopped" in clients[2].predict(api_name="/stop")  # still waiting in line: it never starts
     assert "Stopped" in clients[0].predict(api_name="/stop")
     stopped = jobs[0].result(timeout=TIMEOUT_S)
     assert stopped[0] is None and "Stopped** at step" in stopped[3], stopped[3]
     finished = [jobs[i].result(timeout=TIMEOUT_S) for i in (1, 3)]
+    assert jobs[2].result(timeout=TIMEOUT_S)[3].startswith("**Stopped**")
     assert [outcome[1] for outcome in finished] == [101, 103]
     assert all(read_video(outcome[0])[0].shape[0] == 9 for outcome in finished)
     landed = sorted(set(videos_and_sidecars(app.output_dir)) - before)

@@ -16,6 +16,7 @@ class StudioConfig:
     recommended: dict  # wan_engine.recommended_settings(model): the model's sampler and each sampler's settings
     warmup: bool = True  # load the model and run a small warm-up generation at launch (handlers.Studio.warm_up)
     group: object = None  # wan_engine.ParallelGroup when mlx.launch started the app (this is rank 0), else None
+    queue_size: int = 20  # how many requests may wait for their turn (--queue-size)
 
     @property
     def demo(self) -> bool:

@@ -26,13 +26,16 @@ from .config import MAX_SEED, StudioConfig
 from .engine_cache import EngineCache
 from .loras import engine_loras
 from .pictures import open_picture
-from .progress import READY_TEXT, event_text, failed_text, finished_text, ready_text, stopped_text, waiting_text, \
-    warming_text
+from .progress import (
+    READY_TEXT, event_text, failed_text, finished_text, left_line_text, ready_text, stopped_text, waiting_text,
+    warming_text,
+)
 from .runs import EngineThread, Run
 from .sizes import FRAME_STEP, SIZE_MULTIPLE, crop_to_aspect, size_for_aspect
 
 log = logging.getLogger("wan_studio")
-STOP_WAIT_S = 30  # Stop reports once the run has ended (within a step), or that it is ending after this long
+STOP_WAIT_S = 30
+KEPT_PREVIEW_RUNS = 3  # the latest runs whose previews stay on disk  # Stop reports once the run has ended (within a step), or that it is ending after this long
 READINESS_POLL_S = 0.25  # how often a page that opened during the warm-up hears how it goes
 WARM_UP_SESSION = "warm-up"  # the warm-up's run belongs to no page, so no page's Stop ends it
 
@@ -46,6 +49,7 @@ class Studio:
         self.engine_thread = EngineThread()
         self.first_frames_dir = config.output_dir / "inputs"
         self.previews_dir = Path(tempfile.mkdtemp(prefix="wan-studio-previews-"))
+        self.runs_started = 0  # numbers the runs' preview files
         history.remove_partials(config.output_dir)  # what runs killed while saving left behind
         history.make_missing_stills(config.output_dir)  # now, before any engine work (see history.py)
         # The warm-up is the engine thread's first job: a Generate clicked meanwhile waits behind it, and finds the
@@ -82,7 +86,8 @@ class Studio:
     def stop(self, request: gr.Request):
         """Stop this session's generation within one step; nothing of it is written. Streams "Stopping", then
         what was stopped."""
-        runs = self.engine_thread.stop(request.session_hash or "")
+        left_line = left_line_text()
+        runs = self.engine_thread.stop(request.session_hash or "", left_line, progress_update(left_line))
         if not runs:
             gr.Info("Nothing of yours is generating right now.")
             yield gr.skip()
@@ -142,11 +147,14 @@ class Studio:
         if group is not None and group.broken:  # its engine's thread may be stuck in a collective for good
             raise gr.Error(group.broken_message())
         yield progress_update(waiting_text("Starting"))
-        warming = self.warm_up_run is not None and not self.warm_up_run.finished.is_set()
-        ahead = "Getting the model ready: your run starts right after" if warming else \
-            "Waiting for the previous run to finish"
-        run = self.engine_thread.start(session, lambda run: self.generate(generation, options, run),
-                                       waiting_update=progress_update(waiting_text(ahead)))
+        def waiting(ahead: int) -> tuple:
+            if self.warm_up_run is not None and not self.warm_up_run.finished.is_set():
+                others = f" and {ahead - 1} other run{'s' * (ahead > 2)}" if ahead > 1 else ""
+                return progress_update(waiting_text(f"Getting the model ready: your run starts right after{others}"))
+            return progress_update(waiting_text(f"Waiting for {ahead} run{'s' * (ahead > 1)} ahead of yours "
+                                                "(Stop leaves the line)"))
+
+        run = self.engine_thread.start(session, lambda run: self.generate(generation, options, run), waiting)
         yield from run.stream()
 
     def warm_up(self, run: Run):
@@ -178,8 +186,12 @@ class Studio:
         # Each new latent preview goes out as a PNG of its own, sent again unchanged with the following updates:
         # Gradio copies a file into its cache once, while an image array would be rewritten there on every update,
         # under a client that may still be downloading it.
-        for stale in self.previews_dir.glob("*.png"):  # the previous run's (Gradio keeps its own copies)
-            stale.unlink()
+        # Runs' previews are kept a little while: a client may still be fetching a finished run's last one when the
+        # next run starts.
+        self.runs_started += 1
+        for stale in self.previews_dir.glob("*.png"):
+            if int(stale.name.split("-")[0]) < self.runs_started - KEPT_PREVIEW_RUNS:
+                stale.unlink()
         preview = None
         try:
             engine = self.engines.get(self.config.model, options["preset"],
@@ -192,7 +204,7 @@ class Studio:
                 else:
                     run.last_event = item
                     if item.preview is not None:
-                        preview = str(self.previews_dir / f"preview-{number}.png")
+                        preview = str(self.previews_dir / f"{self.runs_started}-{number}.png")
                         Image.fromarray(item.preview).save(preview)
                     yield progress_update(event_text(item), preview)
         except Cancelled:

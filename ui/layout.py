@@ -192,14 +192,16 @@ def build_history() -> History:
 
 def wire_generation(form: Form, handler, api_name: str, options, results: Results, past: History,
                     studio: Studio) -> None:
-    """Generate -> the streaming handler (one at a time across both tabs) -> download link and history."""
+    """Generate -> the streaming handler -> download link and history. Up to the queue's size of requests are
+    handed on at once: the engine's thread runs them one at a time, in order, across both tabs (runs.py), and tells
+    each how many runs are ahead of it, and Stop takes a waiting one out of the line."""
 
     def show_download_and_history(video):
         return gr.DownloadButton(value=video, visible=bool(video)), *studio.history()
 
     event = form.generate.click(
         handler, [*form.api_inputs, options], results.outputs, api_name=api_name, concurrency_id="generation",
-        concurrency_limit=1, show_progress_on=[results.progress], scroll_to_output=True,
+        concurrency_limit=studio.config.queue_size, show_progress_on=[results.progress], scroll_to_output=True,
     )
     event.then(show_download_and_history, results.video, [results.download, past.gallery, past.records],
                api_visibility="private")

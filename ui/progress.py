@@ -104,3 +104,8 @@ def stopped_text(last_event) -> str:
     elif last_event is not None:
         where = f" while {STAGES.get(last_event.stage, last_event.stage).lower()}"
     return f"**Stopped**{where}. Nothing was written and the run's memory was freed; you can generate again."
+
+
+def left_line_text() -> str:
+    """What Stop did to a run still waiting for its turn."""
+    return "**Stopped** while it waited for its turn: it never started, and nothing was written."

@@ -32,6 +32,12 @@ class Run:
     last_event: object = None  # the latest ProgressEvent (set by the work), for "stopped at step i/N"
     outcome: str | None = None  # how it ended, as the progress line says it (set by the work)
     updates: queue.Queue = field(default_factory=queue.Queue)
+    started: bool = False  # the engine's thread took it up
+    withdrawn: bool = False  # stopped while it waited: the engine's thread passes it over
+
+    def end(self) -> None:
+        self.send(_Finished())
+        self.finished.set()
 
     def send(self, update) -> None:
         """Hand an update to the streaming handler (from the engine's thread)."""
@@ -53,12 +59,12 @@ class EngineThread:
         threading.Thread(target=self._serve, name="engine", daemon=True).start()
 
     def start(self, session: str, work, waiting_update) -> Run:
-        """Queue `work(run)`, a generator of updates, to run on the engine's thread; `waiting_update` is streamed
-        first when another run is ahead of it."""
+        """Queue `work(run)`, a generator of updates, to run on the engine's thread; `waiting_update(ahead)` is
+        streamed first when `ahead` runs are before it. Stop reaches a run while it waits too."""
         run = Run(session)
         with self._runs_lock:
             if self._runs:
-                run.send(waiting_update)
+                run.send(waiting_update(len(self._runs)))
             self._runs.append(run)
         self._waiting.put((run, work))
         return run
@@ -66,6 +72,10 @@ class EngineThread:
     def _serve(self) -> None:
         while True:
             run, work = self._waiting.get()
+            with self._runs_lock:
+                if run.withdrawn:
+                    continue
+                run.started = True
             try:
                 for update in work(run):
                     run.send(update)
@@ -75,8 +85,7 @@ class EngineThread:
                 with self._runs_lock:
                     if run in self._runs:  # not abandoned
                         self._runs.remove(run)
-                run.send(_Finished())
-                run.finished.set()
+                run.end()
 
     def abandon(self, update, error: BaseException) -> None:
         """The engine's thread is stuck for good (a process of the engine's group stopped answering, and the
@@ -86,13 +95,21 @@ class EngineThread:
         for run in runs:
             run.send(update)
             run.send(_Failed(error))
-            run.send(_Finished())
-            run.finished.set()
+            run.end()
 
-    def stop(self, session: str) -> list[Run]:
-        """Cancel `session`'s runs (each ends at its next check of the token); returns them."""
+    def stop(self, session: str, withdrawn_outcome: str, withdrawn_update) -> list[Run]:
+        """Cancel `session`'s runs; returns them. A running one ends at its next check of the token; one still
+        waiting for its turn leaves the line at once, its stream ending with `withdrawn_update`."""
         with self._runs_lock:
             runs = [run for run in self._runs if run.session == session]
+            for run in runs:
+                run.token.cancel()
+                if not run.started:
+                    run.withdrawn = True
+                    self._runs.remove(run)
         for run in runs:
-            run.token.cancel()
+            if run.withdrawn:
+                run.outcome = withdrawn_outcome
+                run.send(withdrawn_update)
+                run.end()
         return runs
