@@ -53,6 +53,7 @@ def child(args) -> None:
     import mlx.core as mx
 
     from wan_engine import Engine, GenerationRequest, warm_up
+    from wan_engine.engine import drain
     from wan_engine.memory import process_peak_rss_gib
     from wan_engine.prompt_cache import PromptEmbeddingCache
 
@@ -74,7 +75,7 @@ def child(args) -> None:
 
     if args.phase == "fresh":
         warming = time.perf_counter()
-        warm_result = yield_result(warm_up(engine))
+        warm_result = drain(warm_up(engine))
         report["warm_up_s"] = round(time.perf_counter() - warming, 3)
         report["warm_up"] = {"timings": warm_result.timings, "peak_memory_gib": warm_result.peak_memory_gib}
         report["launch_s"] = round(report["import_s"] + report["open_s"] + report["warm_up_s"], 3)
@@ -92,15 +93,6 @@ def child(args) -> None:
     report["mlx"] = mx.__version__
     shutil.rmtree(folder, ignore_errors=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-
-
-def yield_result(generator):
-    """The value a generator returns (warm_up returns its run's Result), its events dropped."""
-    while True:
-        try:
-            next(generator)
-        except StopIteration as done:
-            return done.value
 
 
 def run_child(args, preset: str, phase: str, cache: Path) -> dict:
