@@ -186,7 +186,11 @@ def test_a_damaged_demo_model_is_built_again(tmp_path, monkeypatch, caplog):
     assert root.parent == cache_root() == tmp_path
     shard = next((root / "transformer").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f".{root.name}.partial-{gone.stdout.strip()}"  # a build whose process was killed
+    (abandoned / "transformer").mkdir(parents=True)
     assert ensure_demo_model() == root
+    assert sorted(p.name for p in tmp_path.iterdir()) == [root.name]
     assert [r.message for r in caplog.records if "demo" in r.message] == [
         f"the demo model in {root} is damaged: building it again"]
     _, result = generate(Engine("demo", dtype="float32", output_dir=tmp_path / "out"), prompt="a boat", **SMALL)

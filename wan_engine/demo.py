@@ -13,12 +13,12 @@ import math
 import os
 import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .cache_files import partial_name, stale_partials
 from .config import TextEncoderConfig, TransformerConfig, VAEConfig
 from .weights import to_diffusers_layout
 
@@ -174,7 +174,7 @@ def is_intact(root: Path) -> bool:
 
 
 def ensure_demo_model() -> Path:
-    """The demo snapshot's folder, built on first use (into a temporary folder, renamed when complete) and
+    """The demo snapshot's folder, built on first use (into a partial folder, renamed when complete) and
     checked against its manifest on every use: a damaged copy (a file cut short or changed) is built again."""
     root = cache_root() / f"demo-v{DEMO_VERSION}"
     if root.is_dir():
@@ -183,7 +183,12 @@ def ensure_demo_model() -> Path:
         log.warning("the demo model in %s is damaged: building it again", root)
         shutil.rmtree(root, ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    for abandoned, _ in stale_partials(root.parent):  # builds whose process was killed
+        if abandoned.is_dir():
+            shutil.rmtree(abandoned, ignore_errors=True)
+    staging = partial_name(root)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
         write_demo_snapshot(staging)
         (staging / MANIFEST).write_text(json.dumps(file_digests(staging), indent=2))
