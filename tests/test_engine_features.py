@@ -2,6 +2,8 @@
 presets and the demo model."""
 
 import json
+import os
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -14,7 +16,7 @@ from wan_engine.errors import WanError
 from wan_engine.loading import Snapshot
 from wan_engine.pipeline import LatentNormalizer, decode_frames, frames_to_uint8
 from wan_engine.presets import available_presets, load_preset
-from wan_engine.prompt_cache import PromptEmbeddingCache
+from wan_engine.prompt_cache import PromptEmbeddingCache, encoder_identity
 from wan_engine.vae import WanVAE, strip_layout
 from wan_engine.video import METADATA_TEXT_CHARS, VideoOutput, read_metadata, read_video, to_uint8
 
@@ -245,3 +247,16 @@ def test_a_preset_tiles_the_decode_only_above_its_size_and_says_so(snapshots, tm
         _, reference = generate(plain, width=width, height=64, **request)
         difference = np.abs(result.frames - reference.frames).max()
         assert (difference > 1e-4) if tiled else (difference < 1e-5)
+
+
+def test_prompt_embeddings_are_keyed_by_the_text_encoders_files_not_only_their_sizes(snapshots, tmp_path):
+    """A fine-tune of the same shape (same names and sizes, other contents) must not reuse old embeddings."""
+    root = shutil.copytree(snapshots["small"], tmp_path / "model")
+    before = encoder_identity(root, "float32", None)
+    assert encoder_identity(root, "float32", None) == before  # stable
+    weights = next((root / "text_encoder").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other contents, written later
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert encoder_identity(root, "float32", None) != before

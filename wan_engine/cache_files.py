@@ -19,6 +19,7 @@ from pathlib import Path
 MAGIC = b"WANCACHE"
 HEADER_LENGTH = struct.Struct("<Q")
 MAX_HEADER_BYTES = 1 << 20
+CONFIG_BYTES = 1_000_000  # JSON files below this size are identified by their content
 PARTIAL = re.compile(r"^\.(?P<stem>.+)\.partial-(?P<pid>\d+)(?P<suffix>\.[A-Za-z0-9]+)?$")  # see partial_name
 
 log = logging.getLogger("wan_engine")
@@ -115,3 +116,22 @@ def _damaged(path: Path, why: str) -> DamagedEntry:
     except OSError:
         pass
     return DamagedEntry(f"{path}: {why}")
+
+
+def source_identity(folder: Path) -> str:
+    """What a cache entry made from the files of `folder` depends on: their names, sizes, modification times and
+    link targets (a Hugging Face cache links each file to a blob named by its content hash), and the small JSON
+    configs' contents. Hashing gigabytes of weights at every load would cost the time a cache saves."""
+    if not folder.is_dir():
+        return "absent"
+    parts = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):  # partial downloads, macOS's AppleDouble files
+            continue
+        stat = path.stat()
+        if path.suffix == ".json" and stat.st_size < CONFIG_BYTES:
+            parts.append(f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+        else:
+            link = os.readlink(path) if path.is_symlink() else ""
+            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{link}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

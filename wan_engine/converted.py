@@ -27,7 +27,6 @@ room the part loads from the model's files each time, as before, and the log say
 import hashlib
 import json
 import logging
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache_files import DamagedEntry, partial_name, read_entry, stale_partials, write_entry
+from .cache_files import DamagedEntry, partial_name, read_entry, source_identity, stale_partials, write_entry
 from .errors import WanError
 from .loading import Snapshot, read_weights, safetensors_files
 from .packages import write_weights
@@ -48,7 +47,6 @@ WEIGHTS_STEM = "weights"
 KEEP_FREE_BYTES = 2 * 2**30  # a cache never fills the disk: this much stays free after an entry is written
 WORTH_KEEPING = 0.75  # kept when it takes at most this share of the source's bytes (q8 of bfloat16: about 0.53;
 # bfloat16 of float32: 0.5)
-CONFIG_BYTES = 1_000_000  # JSON files below this size are identified by their content
 
 log = logging.getLogger("wan_engine")
 _said = set()  # messages already said by this process
@@ -122,22 +120,6 @@ class ConvertedWeights:
             if older != entry:
                 shutil.rmtree(older, ignore_errors=True)
         return "the model's files, converted and kept for next time"
-
-
-def source_identity(folder: Path) -> str:
-    """What a part's entry is made from (see the module docstring): its files' names, sizes, modification times and
-    link targets, and its JSON configs' contents."""
-    parts = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):  # partial downloads, macOS's AppleDouble files
-            continue
-        stat = path.stat()
-        if path.suffix == ".json" and stat.st_size < CONFIG_BYTES:
-            parts.append(f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
-        else:
-            link = os.readlink(path) if path.is_symlink() else ""
-            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{link}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def quantized_layers(model) -> dict:

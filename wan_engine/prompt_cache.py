@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache_files import DamagedEntry, read_entry, stale_partials, write_entry
+from .cache_files import DamagedEntry, read_entry, source_identity, stale_partials, write_entry
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 SUFFIX = ".embedding"
@@ -76,13 +76,8 @@ def _last_used(path: Path) -> tuple:
 
 
 def encoder_identity(model_root, dtype: str, quantization) -> str:
-    """What the cached embeddings depend on: the text encoder's and tokenizer's files (names, sizes, small
-    config files' contents), the compute dtype and the quantization."""
+    """What the cached embeddings depend on: the text encoder's and tokenizer's files (cache_files.source_identity),
+    the compute dtype and the quantization."""
     parts = [dtype, repr(quantization)]
-    for folder in ("text_encoder", "tokenizer"):
-        for path in sorted((Path(model_root) / folder).glob("*")):
-            if path.suffix == ".json" and path.stat().st_size < 1_000_000:
-                parts.append(f"{folder}/{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
-            else:
-                parts.append(f"{folder}/{path.name}:{path.stat().st_size}")
+    parts += [f"{folder}:{source_identity(Path(model_root) / folder)}" for folder in ("text_encoder", "tokenizer")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
