@@ -11,6 +11,8 @@ PyTorch, as users run the engine:
   fresh       the caches the first one left: the app's launch (opening the engine, the warm-up run), then the first
               video (a new prompt), a second new prompt and a cached prompt (the same prompt again), each with its
               stages, MLX peak and the process's peak RSS; and the whole process's MLX peak + max RSS.
+Each process also reports what raised its max RSS (`ResidentSetWatch`: `resident_set_highs`, `max_rss_rises`)
+and whether it imported PyTorch.
 The previous preset's converted weights and kernels are removed before the next preset's first-ever process, so
 each preset is measured from scratch (and the full-size snapshot, 33 GiB, and one preset's copies fit the disk).
 Goals (issue #14): fresh first video <= 1.5x the new-prompt video; low-RAM later videos load in <= 2 s; whole
@@ -24,7 +26,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 
@@ -46,14 +50,57 @@ def gib(value: float) -> float:
 
 
 # -- one fresh process ----------------------------------------------------------------------------------------------
+class ResidentSetWatch(threading.Thread):
+    """What raised the process's max RSS. The thread samples the resident set (Linux /proc) every 10 ms and notes
+    each new high by STEP: when, how much (anonymous and file-backed), what the run was doing (`label`) and where
+    the main thread was (`marks`). A native call that holds the GIL hides from the thread, so `note` also reads the
+    kernel's high-water mark at each progress event: a rise is charged to the events between which it happened
+    (`rises`)."""
+
+    STEP = 2**27
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.label, self.marks, self.rises, self.main = "import", [], [], threading.main_thread().ident
+        self.high = 0.0
+
+    def note(self, label: str) -> None:
+        from wan_engine.memory import process_peak_rss_gib
+
+        high = process_peak_rss_gib()
+        if high >= self.high + self.STEP / 2**30:
+            self.rises.append({"max_rss_gib": high, "after": self.label, "by": label})
+            self.high = high
+        self.label = label
+
+    def run(self):
+        high, start = 0, time.perf_counter()
+        while True:
+            fields = {}
+            for line in Path("/proc/self/status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "RssAnon", "RssFile"):
+                    fields[name] = int(value.split()[0]) * 1024
+            if fields.get("VmRSS", 0) >= high + self.STEP:
+                high = fields["VmRSS"]
+                frames = traceback.extract_stack(sys._current_frames()[self.main])
+                ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames
+                        if "wan_engine" in f.filename or "transformers" in f.filename][-3:]
+                self.marks.append({"t_s": round(time.perf_counter() - start, 2), "label": self.label,
+                                   **{name: gib(value) for name, value in fields.items()}, "where": ours})
+            time.sleep(0.01)
+
+
 def child(args) -> None:
     """One measured process (no PyTorch): `args.phase` of `args.preset`, its report as JSON to `args.out`."""
     start = time.perf_counter()
+    watch = ResidentSetWatch()
+    if Path("/proc/self/status").exists():
+        watch.start()
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
 
-    from wan_engine import Engine, GenerationRequest, warm_up
-    from wan_engine.engine import drain
+    from wan_engine import Engine, GenerationRequest, Result, warm_up
     from wan_engine.memory import process_peak_rss_gib
     from wan_engine.prompt_cache import PromptEmbeddingCache
 
@@ -61,21 +108,33 @@ def child(args) -> None:
     case = CASES["tiny" if args.tiny else "full"]
     folder = Path(tempfile.mkdtemp(prefix="bench-cold-"))
     opened = time.perf_counter()
+    watch.note("open")
     engine = Engine(args.snapshot, preset=args.preset, output_dir=folder,
                     prompt_cache=PromptEmbeddingCache(folder / "prompts"))  # every prompt is new to this process
     report["open_s"] = round(time.perf_counter() - opened, 3)
 
+    def watched(name: str, events):
+        """Drain `events`, labelling the watch with each one; returns the Result (yielded last, or returned)."""
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(event, Result):
+                return event
+            watch.note(f"{name}: {event.stage} {event.message[:80]}")
+
     def video(name: str, prompt: str) -> None:
         log(f"  {args.preset} {args.phase}: {name}")
         request = GenerationRequest(prompt=prompt, negative_prompt=NEGATIVE, guidance=5.0, seed=0, **case)
-        *_, result = engine.generate(request)
+        result = watched(name, engine.generate(request))
         sidecar = json.loads(result.sidecar_path.read_text())
         report[name] = {key: sidecar[key] for key in ("timings", "peak_memory_gib", "stage_peak_memory_gib",
                                                       "process_peak_rss_gib", "stage_process_peak_rss_gib")}
 
     if args.phase == "fresh":
         warming = time.perf_counter()
-        warm_result = drain(warm_up(engine))
+        warm_result = watched("warm-up", warm_up(engine))
         report["warm_up_s"] = round(time.perf_counter() - warming, 3)
         report["warm_up"] = {"timings": warm_result.timings, "peak_memory_gib": warm_result.peak_memory_gib}
         report["launch_s"] = round(report["import_s"] + report["open_s"] + report["warm_up_s"], 3)
@@ -91,6 +150,10 @@ def child(args) -> None:
     report["whole_process_gib"] = round(report["mlx_peak_gib"] + report["process_peak_rss_gib"], 3)
     report["wall_s"] = round(time.perf_counter() - start, 3)
     report["mlx"] = mx.__version__
+    watch.note("end")
+    report["resident_set_highs"] = watch.marks
+    report["max_rss_rises"] = watch.rises
+    report["imported_torch"] = "torch" in sys.modules
     shutil.rmtree(folder, ignore_errors=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 

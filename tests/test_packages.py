@@ -27,6 +27,7 @@ from wan_engine.errors import WanError
 from wan_engine.loading import SHIPPED_CONFIGS, Snapshot, read_weights
 from wan_engine.quantize import is_quantized, quantize_text_encoder, quantize_transformer
 from wan_engine.text_encoder import UMT5Encoder, encode_prompts
+from wan_engine.tokenizer import load_prompt_tokenizer
 from wan_engine.transformer import WanTransformer
 
 SPEC = TinySpec(heads=2, head_dim=64, layers=3, ffn_dim=512, freq_dim=64, text_dim=128, text_layers=4, text_heads=2,
@@ -184,7 +185,7 @@ def test_the_policy(source):
     assert not quantized_layers(quantize_transformer(narrow, 8))
 
 
-def test_quantization_on_load(source):
+def test_quantization_on_load(source, tmp_path):
     snapshot = Snapshot.open(source)
     setting = {"bits": 8, "group_size": 64}
     model = snapshot.load_transformer(mx.float32, quantize=setting)
@@ -195,7 +196,7 @@ def test_quantization_on_load(source):
     assert mx.array_equal(layer.weight, packed) and mx.array_equal(layer.scales, scales)
     assert model.dtype == mx.float32 and layer.scales.dtype == mx.float32
 
-    tokenizer = snapshot.load_tokenizer()
+    tokenizer = load_prompt_tokenizer(source / "tokenizer", tmp_path / "tokenizers")
     full = encode_prompts(snapshot.load_text_encoder(mx.float32), tokenizer, [PROMPT])
     encoder = snapshot.load_text_encoder(mx.float32, quantize=setting)
     assert len(quantized_layers(encoder)) == 1 + 7 * SPEC.text_layers

@@ -21,6 +21,7 @@ from wan_engine.text_encoder import (
     prompt_clean,
     relative_position_bucket,
 )
+from wan_engine.tokenizer import load_prompt_tokenizer
 from wan_engine.weights import load_into
 
 CONFIGS = {
@@ -179,7 +180,8 @@ def test_encode_prompts_matches_diffusers(tmp_path, max_length):
         expected = pipeline_wan.WanPipeline._get_t5_prompt_embeds(
             pipe, prompt=ODD_PROMPTS, max_sequence_length=max_length
         ).numpy()
-    ours = encode_prompts(mlx_umt5(model), tokenizer, ODD_PROMPTS, max_length=max_length)
+    kept = load_prompt_tokenizer(tmp_path / "tokenizer", tmp_path / "tokenizers")  # the engine's tokenizer
+    ours = encode_prompts(mlx_umt5(model), kept, ODD_PROMPTS, max_length=max_length)
     ours = np.array(ours)
 
     assert ours.shape == expected.shape == (len(ODD_PROMPTS), max_length, 32)

@@ -38,6 +38,7 @@ from .preview import calibrate, latent_preview
 from .prompt_cache import PromptEmbeddingCache, encoder_identity
 from .scheduler import SAMPLERS, make_scheduler, sampler_defaults
 from .text_encoder import count_tokens, encode_prompts, prompt_clean
+from .tokenizer import load_prompt_tokenizer
 from .video import VideoOutput, prepare_folder, remove_stale_partials
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -244,7 +245,7 @@ class Engine:
         yield ProgressEvent("load", f"loading the {label}")
         preset, origin = self.preset, "its files"
         if name == "tokenizer":
-            part = self.snapshot.load_tokenizer()
+            part = load_prompt_tokenizer(self.root / "tokenizer", cache_root() / "tokenizers")
         elif name == "text_encoder":
             part, origin = self.converted.load(name, self.dtype, preset.text_encoder_quantization)
         elif name == "transformer":

@@ -164,14 +164,6 @@ class Snapshot:
         """The package record's quantization of `component` ({"bits", "group_size", "mode"}), or None."""
         return ((self.record or {}).get("quantization") or {}).get(component)
 
-    def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(str(self.root / "tokenizer"))
-        except (OSError, ValueError) as e:
-            raise WanError(f"could not load the tokenizer from {self.root / 'tokenizer'}: {e}") from None
-
     def new_model(self, component: str):
         """The model of `component` (transformer, vae or text_encoder) with its config, lazily initialised: nothing is
         computed or allocated until its weights are loaded."""

@@ -13,10 +13,10 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import regex  # diffusers cleans prompts with `regex`, whose `\s` differs from `re`'s (e.g. U+001C-U+001F)
 
 from .config import TextEncoderConfig
+from .tokenizer import PromptTokenizer
 
 try:  # diffusers fixes mojibake with ftfy only when it is installed; so do we
     import ftfy
@@ -227,28 +227,15 @@ class UMT5Encoder(nn.Module):
 # Prompt encoding
 
 
-def count_tokens(tokenizer, prompt: str) -> int:
+def count_tokens(tokenizer: PromptTokenizer, prompt: str) -> int:
     """How many tokens `prompt` has after cleaning, with its end-of-text token, before any cut to the model's
     length (encode_prompts keeps the first max_length)."""
-    return len(tokenizer(prompt_clean(prompt), add_special_tokens=True, truncation=False)["input_ids"])
+    return tokenizer.count(prompt_clean(prompt))
 
 
-def encode_prompts(model: UMT5Encoder, tokenizer, prompts: list[str], max_length: int = 512) -> mx.array:
-    """diffusers' `WanPipeline._get_t5_prompt_embeds`: (B, max_length, d_model) embeddings, zero past each prompt.
-
-    `tokenizer` is the snapshot's transformers tokenizer (used for tokenization only).
-    """
-    text_inputs = tokenizer(
-        [prompt_clean(p) for p in prompts],
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="np",
-    )
-    input_ids = mx.array(text_inputs["input_ids"].astype(np.int32))
-    mask = mx.array(text_inputs["attention_mask"].astype(np.int32))
+def encode_prompts(model: UMT5Encoder, tokenizer: PromptTokenizer, prompts: list[str], max_length: int = 512) -> mx.array:
+    """diffusers' `WanPipeline._get_t5_prompt_embeds`: (B, max_length, d_model) embeddings, zero past each prompt."""
+    input_ids, mask = (mx.array(a) for a in tokenizer.batch([prompt_clean(p) for p in prompts], max_length))
     prompt_embeds = model(input_ids, mask)
     # diffusers keeps the first `seq_len` rows of each prompt (seq_len = real tokens) and zero-pads the rest.
     seq_lens = (mask > 0).sum(axis=1)
