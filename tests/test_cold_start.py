@@ -224,6 +224,20 @@ def test_the_sidecar_records_the_whole_process_peak_beside_mlx_peak(model, cache
     assert sidecar["timings"]["denoise_first_step_s"] > 0
 
 
+def test_the_process_peak_is_the_process_own_not_its_parents():
+    """Linux carries a parent's max RSS through fork and exec into the child's getrusage: a small process started
+    by a large one must still report its own peak."""
+    held = np.ones(2**30, np.uint8)  # 1 GiB resident here, in the parent
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from wan_engine.memory import process_peak_rss_gib;"
+            "print(process_peak_rss_gib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, check=True)
+    own, inherited = done.stdout.split()
+    assert float(own) < 0.5  # Python, numpy and MLX
+    if sys.platform == "linux":
+        assert int(inherited) / 2**20 >= 1.0  # what getrusage alone says there
+    del held
+
+
 # -- the app's warm-up -------------------------------------------------------------------------------------------------
 
 HOLD_WARM_UP = """

@@ -69,15 +69,7 @@ class ConvertedWeights:
         if model is not None:
             return model, "its converted copy"
         model = self.snapshot.load(component, dtype, quantize=quantize)
-        origin = self.keep(entry, component, model)
-        if (entry / MANIFEST).is_file():
-            # Run on what later loads read. Writing moved the arrays where the host can read them: on a CUDA GPU,
-            # MLX moves a buffer the host reads into managed memory, where the first video ran 4x slower per step.
-            del model
-            model = self.read(entry, component, dtype)
-            if model is None:  # damaged already (read removed it): from the model's files once more
-                model = self.snapshot.load(component, dtype, quantize=quantize)
-        return model, origin
+        return model, self.keep(entry, component, model)
 
     def slot(self, component: str, dtype, quantize: dict | None) -> str:
         """What an entry is for (see the module docstring), hashed."""
