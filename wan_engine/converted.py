@@ -36,7 +36,8 @@ from mlx.utils import tree_flatten
 
 from .cache_files import DamagedEntry, partial_name, read_entry, source_identity, stale_partials, write_entry
 from .errors import WanError
-from .loading import Snapshot, read_weights, safetensors_files
+from .loading import Snapshot, leave_embedding_in_file, read_weights, safetensors_files
+from .mapped_embedding import MappedEmbedding
 from .packages import write_weights
 from .quantize import is_quantized, quantize_as_stored
 from .weights import load_into
@@ -68,7 +69,7 @@ class ConvertedWeights:
         model = self.read(entry, component, dtype)
         if model is not None:
             return model, "its converted copy"
-        model = self.snapshot.load(component, dtype, quantize=quantize)
+        model = self.snapshot.load(component, dtype, quantize=quantize, map_embedding=True)
         return model, self.keep(entry, component, model)
 
     def slot(self, component: str, dtype, quantize: dict | None) -> str:
@@ -85,6 +86,8 @@ class ConvertedWeights:
             check_shards(entry, manifest["files"])
             model = quantize_as_stored(self.snapshot.new_model(component), manifest["quantized"])
             weights, _ = read_weights(entry)
+            if component == "text_encoder":
+                leave_embedding_in_file(model, weights, entry, dtype, Snapshot.keep_fp32(component, dtype))
             return load_into(model, weights, dtype, Snapshot.keep_fp32(component, dtype), channels_last=True)
         except DamagedEntry:  # the manifest: read_entry said so and removed it
             shutil.rmtree(entry, ignore_errors=True)
@@ -96,6 +99,8 @@ class ConvertedWeights:
     def keep(self, entry: Path, component: str, model) -> str:
         """Write `model` as `entry` when the conversion shrank it and the disk has room; returns the origin phrase.
         Never fails the load: the model is loaded already."""
+        if isinstance(getattr(model, "shared", None), MappedEmbedding):
+            return "the model's files"  # its table stayed in them as it runs: nothing of it was converted
         parameters = dict(tree_flatten(model.parameters()))
         size = sum(value.nbytes for value in parameters.values())
         source_size = sum(path.stat().st_size for path in safetensors_files(self.snapshot.root / component))

@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from .config import SchedulerConfig, TextEncoderConfig, TransformerConfig, VAEConfig
 from .errors import WanError
+from .mapped_embedding import StoredTensor, leave_in_file
 from .quantize import POLICIES, quantize_as_stored, quantize_layers, stored_quantization
 from .weights import load_into, sanitize_mlxgen_transformer, sanitize_mlxgen_vae
 
@@ -85,6 +86,24 @@ def read_weights(folder: Path) -> tuple[dict, dict]:
     for path in files:
         weights.update(mx.load(str(path)))
     return weights, headers[0].get("__metadata__", {})
+
+
+def stored_tensors(folder: Path) -> dict:
+    """name -> StoredTensor (file, offset, shape, dtype) of every tensor in a component's shards."""
+    found = {}
+    for path in safetensors_files(folder):
+        header = check_safetensors(path)
+        with open(path, "rb") as f:
+            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        found.update({name: StoredTensor(path, data_start + entry["data_offsets"][0], tuple(entry["shape"]),
+                                         entry["dtype"]) for name, entry in header.items() if name != "__metadata__"})
+    return found
+
+
+def leave_embedding_in_file(model, weights: dict, folder: Path, dtype, keep_fp32: tuple) -> None:
+    """The text encoder's token table stays in its files when they hold it as it runs (mapped_embedding.py)."""
+    target = mx.float32 if any(p in "shared.weight" for p in keep_fp32) else dtype
+    leave_in_file(model, "shared", weights, stored_tensors(folder), target)
 
 
 def written_by_mlxgen(metadata: dict) -> bool:
@@ -186,11 +205,14 @@ class Snapshot:
             return TEXT_ENCODER_FP16_KEEP_FP32
         return ()
 
-    def load(self, component: str, dtype, progress=None, quantize: dict = None):
+    def load(self, component: str, dtype, progress=None, quantize: dict = None, map_embedding: bool = False):
         """`component`'s model in `dtype`. Linears stored quantized stay quantized; `quantize` ({"bits", "group_size"})
-        also quantizes the component's policy layers (quantize.POLICIES; the VAE has none) stored in full precision."""
+        also quantizes the component's policy layers (quantize.POLICIES; the VAE has none) stored in full precision.
+        `map_embedding`: the text encoder's token table stays in the files when they hold it as it runs
+        (mapped_embedding.py); not for a model whose parameters are written out (a package, a converted copy)."""
         model = self.new_model(component)
-        return self._load(component, model, dtype, self.keep_fp32(component, dtype), progress, quantize)
+        return self._load(component, model, dtype, self.keep_fp32(component, dtype), progress, quantize,
+                          map_embedding)
 
     def load_transformer(self, dtype, progress=None, quantize: dict = None):
         return self.load("transformer", dtype, progress, quantize)
@@ -215,7 +237,7 @@ class Snapshot:
         gives them), converted exactly as `load_transformer` converts them: layout, dtype, quantization."""
         load_into(model, weights, dtype, TRANSFORMER_FP32_PARAMETERS, channels_last=channels_last, partial=True)
 
-    def _load(self, component, model, dtype, keep_fp32, progress, quantize=None):
+    def _load(self, component, model, dtype, keep_fp32, progress, quantize=None, map_embedding=False):
         """Read `component`'s weights in whichever format they are, give `model` the quantized layers they hold
         (and those of its policy that `quantize` asks for), then load them."""
         folder = self.root / component
@@ -235,6 +257,8 @@ class Snapshot:
             quantize_as_stored(model, stored)
             if quantize:
                 quantize_layers(model, layers, quantize["bits"], quantize.get("group_size", 64))
+            if map_embedding and component == "text_encoder":
+                leave_embedding_in_file(model, weights, folder, dtype, keep_fp32)
             return load_into(model, weights, dtype, keep_fp32, progress, channels_last=mlxgen)
         except ValueError as e:
             hint = ""
