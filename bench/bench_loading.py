@@ -12,7 +12,7 @@ process's memory: its high-water mark (VmHWM), and the anonymous and file-backed
 A baseline process reports the same after importing MLX, a first device op, and a matmul, a convolution, a
 quantized matmul and attention (the libraries those load).
 Ways: per-tensor (mx.load, one eval per tensor), grouped (one eval per GROUP_BYTES), all (one eval), numpy (the
-file memory-mapped by numpy, mx.array per tensor).
+file memory-mapped by numpy, mx.array per tensor), threads-N (N threads, each loading a share on its own stream).
 """
 
 import argparse
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 GROUP_BYTES = 256 * 2**20
-WAYS = ("per-tensor", "grouped", "all", "numpy")
+WAYS = ("per-tensor", "grouped", "all", "numpy", "threads-4")
 
 
 def memory() -> dict:
@@ -57,9 +57,39 @@ def write_file(path: Path, gib: float) -> int:
     return path.stat().st_size
 
 
+def load_in_threads(path: Path, count: int) -> list:
+    """`count` threads, each with a stream of its own on the default device, each loading every count-th tensor: on
+    CUDA, MLX reads a tensor into host memory and copies it to the GPU one after another on a stream's thread, so
+    several streams may overlap reads and copies (an idea for issue #14's later loads, to be measured)."""
+    import threading
+
+    import mlx.core as mx
+
+    shares = [None] * count
+
+    def work(i: int) -> None:
+        stream = mx.new_stream(mx.default_device())  # a stream belongs to the thread that made it
+        weights = mx.load(str(path), stream=stream)
+        mine = list(weights.values())[i::count]
+        mx.eval(mine)
+        shares[i] = mine
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if any(share is None for share in shares):
+        raise RuntimeError("a loading thread failed")
+    return [value for share in shares for value in share]
+
+
 def load(way: str, path: Path) -> list:
     import mlx.core as mx
     import numpy as np
+
+    if way.startswith("threads-"):
+        return load_in_threads(path, int(way.split("-")[1]))
 
     if way == "numpy":
         header_length = int(np.fromfile(path, np.uint64, 1)[0])
