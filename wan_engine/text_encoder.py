@@ -233,7 +233,8 @@ def count_tokens(tokenizer: PromptTokenizer, prompt: str) -> int:
     return tokenizer.count(prompt_clean(prompt))
 
 
-def encode_prompts(model: UMT5Encoder, tokenizer: PromptTokenizer, prompts: list[str], max_length: int = 512) -> mx.array:
+def encode_prompts(model: UMT5Encoder, tokenizer: PromptTokenizer, prompts: list[str],
+                   max_length: int = 512) -> mx.array:
     """diffusers' `WanPipeline._get_t5_prompt_embeds`: (B, max_length, d_model) embeddings, zero past each prompt."""
     input_ids, mask = (mx.array(a) for a in tokenizer.batch([prompt_clean(p) for p in prompts], max_length))
     prompt_embeds = model(input_ids, mask)
