@@ -12,7 +12,10 @@ process's memory: its high-water mark (VmHWM), and the anonymous and file-backed
 A baseline process reports the same after importing MLX, a first device op, and a matmul, a convolution, a
 quantized matmul and attention (the libraries those load).
 Ways: per-tensor (mx.load, one eval per tensor), grouped (one eval per GROUP_BYTES), all (one eval), numpy (the
-file memory-mapped by numpy, mx.array per tensor), threads-N (N threads, each loading a share on its own stream).
+file memory-mapped by numpy, mx.array per tensor), threads-N (N threads, each loading a share on its own stream),
+host-read (each tensor read into fresh host memory by numpy, nothing sent to the device: the host side's share of a
+load). A way ending in "+hugepages" runs with glibc's malloc asked for transparent huge pages (GLIBC_TUNABLES), as
+MLX's CUDA loader reads each tensor into freshly malloc'ed memory whose page faults may be what it waits on.
 """
 
 import argparse
@@ -91,6 +94,14 @@ def load(way: str, path: Path) -> list:
     if way.startswith("threads-"):
         return load_in_threads(path, int(way.split("-")[1]))
 
+    if way == "host-read":
+        header_length = int(np.fromfile(path, np.uint64, 1)[0])
+        header = json.loads(np.fromfile(path, np.uint8, header_length, offset=8).tobytes())
+        for name, entry in header.items():
+            if name != "__metadata__":
+                start, end = entry["data_offsets"]
+                np.fromfile(path, np.uint8, end - start, offset=8 + header_length + start)
+        return []
     if way == "numpy":
         header_length = int(np.fromfile(path, np.uint64, 1)[0])
         header = json.loads(np.fromfile(path, np.uint8, header_length, offset=8).tobytes())
@@ -145,7 +156,7 @@ def child(way: str, path: Path) -> dict:
         report["after_attention"] = memory()
         return report
     start = time.perf_counter()
-    arrays = load(way, path)
+    arrays = load(way.removesuffix("+hugepages"), path)
     report["load_s"] = round(time.perf_counter() - start, 3)
     report["after_load"] = memory()
     start = time.perf_counter()
@@ -177,8 +188,11 @@ def main():
                 pass
         report = {"file_gib": round(size / 2**30, 3), "ways": {}}
         for run, way in enumerate(args.ways.split(",")):
+            env = dict(os.environ)
+            if way.endswith("+hugepages"):
+                env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
             done = subprocess.run([sys.executable, __file__, "--out", "-", "--child", way, str(path)],
-                                  capture_output=True, text=True, env=os.environ)
+                                  capture_output=True, text=True, env=env)
             name = way if way not in report["ways"] else f"{way}-{run}"  # a way asked for twice: both kept
             if done.returncode:
                 report["ways"][name] = {"error": done.stderr[-2000:]}
