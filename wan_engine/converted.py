@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten
 
 from .cache_files import DamagedEntry, partial_name, read_entry, source_identity, stale_partials, write_entry
 from .errors import WanError
-from .loading import Snapshot, leave_embedding_in_file, read_weights, safetensors_files
+from .loading import Snapshot, leave_embedding_in_file, read_stored, read_weights, safetensors_files
 from .mapped_embedding import MappedEmbedding
 from .packages import write_weights
 from .quantize import is_quantized, quantize_as_stored
@@ -88,6 +88,7 @@ class ConvertedWeights:
             weights, _ = read_weights(entry)
             if component == "text_encoder":
                 leave_embedding_in_file(model, weights, entry, dtype, Snapshot.keep_fp32(component, dtype))
+            weights = read_stored(entry, weights)  # stored as they run: read by several threads, nothing converted
             return load_into(model, weights, dtype, Snapshot.keep_fp32(component, dtype), channels_last=True)
         except DamagedEntry:  # the manifest: read_entry said so and removed it
             shutil.rmtree(entry, ignore_errors=True)

@@ -23,6 +23,7 @@ from .config import SchedulerConfig, TextEncoderConfig, TransformerConfig, VAECo
 from .errors import WanError
 from .mapped_embedding import StoredTensor, leave_in_file
 from .quantize import POLICIES, quantize_as_stored, quantize_layers, stored_quantization
+from .tensor_reader import read_tensors
 from .weights import load_into, sanitize_mlxgen_transformer, sanitize_mlxgen_vae
 
 COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
@@ -86,6 +87,16 @@ def read_weights(folder: Path) -> tuple[dict, dict]:
     for path in files:
         weights.update(mx.load(str(path)))
     return weights, headers[0].get("__metadata__", {})
+
+
+def read_stored(folder: Path, names) -> dict:
+    """name -> evaluated mx.array of `names` in a component's shards, as they are stored, read by several threads at
+    once (tensor_reader.py): for parts stored as they run, such as converted copies."""
+    wanted, found = set(names), {}
+    for path in safetensors_files(folder):
+        found.update({name: (path, name, entry["data_offsets"][1] - entry["data_offsets"][0])
+                      for name, entry in check_safetensors(path).items() if name in wanted})
+    return read_tensors(found)
 
 
 def stored_tensors(folder: Path) -> dict:
