@@ -39,7 +39,7 @@ def test_an_error_in_a_reader_is_raised_here_and_the_readers_keep_serving(two_fi
     whole = (folder / "weights-00001-of-00002.safetensors").read_bytes()
     cut.write_bytes(whole[:-200])  # the last tensors' bytes are missing
     tensors = {"a.6": (cut, "a.6", 7 * 33 * 4), "a.0": (cut, "a.0", 33 * 4)}
-    with pytest.raises(RuntimeError, match="a.6"):  # MLX names the tensor whose bytes are missing
+    with pytest.raises(RuntimeError, match="exceeding the size of the file"):
         read_tensors(tensors)
     again = read_stored(folder, ["a.6", "b.5"])
     assert mx.array_equal(again["a.6"], expected["a.6"]).item()
