@@ -49,3 +49,13 @@ def test_an_error_in_a_reader_is_raised_here_and_the_readers_keep_serving(two_fi
 def test_nothing_asked_reads_nothing(two_files):
     folder, _ = two_files
     assert read_stored(folder, []) == {}
+
+
+def test_the_readers_keep_nothing_once_the_caller_lets_go(two_files):
+    folder, expected = two_files
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    read = read_stored(folder, expected)
+    assert mx.get_active_memory() - before == pytest.approx(sum(v.nbytes for v in expected.values()), rel=0.5)
+    del read
+    assert mx.get_active_memory() == before

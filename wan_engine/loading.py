@@ -24,7 +24,7 @@ from .errors import WanError
 from .mapped_embedding import StoredTensor, leave_in_file
 from .quantize import POLICIES, quantize_as_stored, quantize_layers, stored_quantization
 from .tensor_reader import read_tensors
-from .weights import load_into, sanitize_mlxgen_transformer, sanitize_mlxgen_vae
+from .weights import TIED_COPIES, load_into, runs_as_stored, sanitize_mlxgen_transformer, sanitize_mlxgen_vae
 
 COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 PACKAGE_RECORD = "wan_studio_package.json"
@@ -92,7 +92,7 @@ def read_weights(folder: Path) -> tuple[dict, dict]:
 def read_stored(folder: Path, names) -> dict:
     """name -> evaluated mx.array of `names` in a component's shards, as they are stored, read by several threads at
     once (tensor_reader.py): for parts stored as they run, such as converted copies."""
-    wanted, found = set(names), {}
+    wanted, found = set(names) - set(TIED_COPIES), {}
     for path in safetensors_files(folder):
         found.update({name: (path, name, entry["data_offsets"][1] - entry["data_offsets"][0])
                       for name, entry in check_safetensors(path).items() if name in wanted})
@@ -270,6 +270,8 @@ class Snapshot:
                 quantize_layers(model, layers, quantize["bits"], quantize.get("group_size", 64))
             if map_embedding and component == "text_encoder":
                 leave_embedding_in_file(model, weights, folder, dtype, keep_fp32)
+            if not quantize and not mlxgen and runs_as_stored(weights, dtype, keep_fp32):
+                weights = read_stored(folder, weights)  # nothing to convert: read by several threads at once
             return load_into(model, weights, dtype, keep_fp32, progress, channels_last=mlxgen)
         except ValueError as e:
             hint = ""

@@ -34,12 +34,18 @@ class _Reader(threading.Thread):
         while True:
             index, share, answers = self.jobs.get()
             try:
-                files = {path: mx.load(str(path), stream=stream) for path in {path for path, _ in share}}
-                arrays = [files[path][key] for path, key in share]
-                mx.eval(arrays)
-                answers.put((index, arrays))
+                answers.put((index, read_share(share, stream)))
             except BaseException as error:  # raised again in the caller's thread
                 answers.put((index, error))
+            del share, answers  # nothing of a job stays referenced here while the thread waits for the next
+
+
+def read_share(share: list, stream) -> list:
+    """[(file, name)] -> their arrays, made and evaluated on `stream`."""
+    files = {path: mx.load(str(path), stream=stream) for path in {path for path, _ in share}}
+    arrays = [files[path][key] for path, key in share]
+    mx.eval(arrays)
+    return arrays
 
 
 _readers: list[_Reader] = []

@@ -128,6 +128,23 @@ def check_shape(key: str, value: mx.array, shape: tuple) -> None:
         raise ValueError(f"weight {key} has shape {tuple(value.shape)}, the model expects {tuple(shape)}")
 
 
+# transformers ties `encoder.embed_tokens` to `shared` (checkpoints may hold both); our encoder reads `shared`.
+TIED_COPIES = ("encoder.embed_tokens.weight",)
+
+
+def running_dtype(key: str, dtype, keep_fp32: tuple):
+    """The dtype parameter `key` runs in: float32 when its name contains one of `keep_fp32`, else `dtype`."""
+    return mx.float32 if any(p in key for p in keep_fp32) else dtype
+
+
+def runs_as_stored(weights: dict, dtype, keep_fp32: tuple) -> bool:
+    """Whether `load_into` would keep every tensor of `weights` as it is: packed codes, or in the dtype it runs in
+    and no conv kernel to lay out (its layers already quantized as stored: nothing is quantized while loading)."""
+    return all(value.dtype == mx.uint32 or (value.dtype == running_dtype(key, dtype, keep_fp32)
+                                             and not (key.endswith(".weight") and value.ndim in (4, 5)))
+               for key, value in weights.items())
+
+
 def load_into(module: nn.Module, weights: dict, dtype=mx.float32, keep_fp32: tuple = (), progress=None,
               channels_last: bool = False, partial: bool = False):
     """Load `weights` (Diffusers names -> mx or numpy arrays) into `module`, cast to `dtype`; parameters whose
@@ -148,8 +165,7 @@ def load_into(module: nn.Module, weights: dict, dtype=mx.float32, keep_fp32: tup
         if is_quantized(layer) and f"{path}.weight" in weights and f"{path}.scales" not in weights
     }
     made = {f"{path}.{part}" for path in quantize_now for part in ("scales", "biases")}
-    # transformers ties `encoder.embed_tokens` to `shared` (checkpoints may hold both); our encoder reads `shared`.
-    names = [k for k in weights if k != "encoder.embed_tokens.weight"]
+    names = [k for k in weights if k not in TIED_COPIES]
     missing = [] if partial else sorted(set(expected) - set(names) - made)
     unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
@@ -168,7 +184,7 @@ def load_into(module: nn.Module, weights: dict, dtype=mx.float32, keep_fp32: tup
         elif value.dtype == mx.uint32:  # packed quantized codes: no cast
             parts = [(key, value)]
         else:
-            parts = [(key, value.astype(mx.float32 if any(p in key for p in keep_fp32) else dtype))]
+            parts = [(key, value.astype(running_dtype(key, dtype, keep_fp32)))]
         for name, value in parts:
             check_shape(name, value, expected[name].shape)
         mx.eval([value for _, value in parts])
