@@ -10,7 +10,9 @@ PyTorch, as users run the engine:
               its stages: what the very first run on a machine costs (converting and keeping the weights included);
   fresh       the caches the first one left: the app's launch (opening the engine, the warm-up run), then the first
               video (a new prompt), a second new prompt and a cached prompt (the same prompt again), each with its
-              stages, MLX peak and the process's peak RSS; and the whole process's MLX peak + max RSS.
+              stages, MLX peak and the process's peak RSS; and the whole process's MLX peak + max RSS. After the
+              warm-up and each video, what the app does while no run waits (Engine.prepare_next: the low-RAM preset
+              loads its transformer again), timed apart (the launch includes the one after the warm-up).
 Each process also reports what raised its max RSS (`ResidentSetWatch`: `resident_set_highs`, `max_rss_rises`)
 and whether it imported PyTorch.
 The previous preset's converted weights and kernels are removed before the next preset's first-ever process, so
@@ -124,6 +126,15 @@ def child(args) -> None:
                 return event
             watch.note(f"{name}: {event.stage} {event.message[:80]}")
 
+    def prepare_next(name: str) -> dict:
+        """What the app does when no run waits (Engine.prepare_next): its seconds and MLX peak, which no video waits
+        for (a click meanwhile waits for the rest of it)."""
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        watched(f"{name}: prepare_next", engine.prepare_next())
+        return {"prepare_next_s": round(time.perf_counter() - start, 3),
+                "prepare_next_peak_gib": round(mx.get_peak_memory() / 2**30, 3)}
+
     def video(name: str, prompt: str) -> None:
         log(f"  {args.preset} {args.phase}: {name}")
         request = GenerationRequest(prompt=prompt, negative_prompt=NEGATIVE, guidance=5.0, seed=0, **case)
@@ -131,20 +142,23 @@ def child(args) -> None:
         sidecar = json.loads(result.sidecar_path.read_text())
         report[name] = {key: sidecar[key] for key in ("timings", "peak_memory_gib", "stage_peak_memory_gib",
                                                       "process_peak_rss_gib", "stage_process_peak_rss_gib")}
+        report[name].update(prepare_next(name))
 
     if args.phase == "fresh":
         warming = time.perf_counter()
         warm_result = watched("warm-up", warm_up(engine))
         report["warm_up_s"] = round(time.perf_counter() - warming, 3)
-        report["warm_up"] = {"timings": warm_result.timings, "peak_memory_gib": warm_result.peak_memory_gib}
-        report["launch_s"] = round(report["import_s"] + report["open_s"] + report["warm_up_s"], 3)
+        report["warm_up"] = {"timings": warm_result.timings, "peak_memory_gib": warm_result.peak_memory_gib,
+                             **prepare_next("warm-up")}
+        report["launch_s"] = round(report["import_s"] + report["open_s"] + report["warm_up_s"]
+                                   + report["warm_up"]["prepare_next_s"], 3)
         video("first_video", PROMPTS[1])
         video("new_prompt", PROMPTS[2])
         video("cached_prompt", PROMPTS[2])
     else:
         video("first_video", PROMPTS[0])
-    peaks = [entry["peak_memory_gib"] for entry in report.values() if isinstance(entry, dict) and
-             "peak_memory_gib" in entry]
+    peaks = [entry[key] for entry in report.values() if isinstance(entry, dict)
+             for key in ("peak_memory_gib", "prepare_next_peak_gib") if key in entry]
     report["mlx_peak_gib"] = max(peaks)
     report["process_peak_rss_gib"] = process_peak_rss_gib()
     report["whole_process_gib"] = round(report["mlx_peak_gib"] + report["process_peak_rss_gib"], 3)

@@ -99,6 +99,33 @@ def test_the_low_ram_preset_converts_once_and_later_loads_map_the_converted_copy
     assert any(message.startswith("loaded the vae from the model's files in") for message in later_loads)
 
 
+def test_between_videos_low_ram_loads_its_transformer_and_a_new_prompt_streams_the_encoder_beside_it(model, cache,
+                                                                                                       tmp_path):
+    engine = low_ram_engine(model, tmp_path, "between")
+    generate(engine)  # no converted copies yet: the text encoder is converted whole, the transformer released
+    assert "vae" in engine.parts and "transformer" not in engine.parts
+    prepared = [event.message for event in engine.prepare_next()]
+    assert prepared[-1].startswith(f"loaded the transformer {LOADED_FROM_COPY}")
+    assert "transformer" in engine.parts and "vae" not in engine.parts
+    assert list(engine.prepare_next()) == []  # ready already
+
+    loads, later = generate(engine, prompt="a heron in the reeds")  # a new prompt
+    assert not any("the transformer" in message for message in loads)  # it stayed loaded beside the encoder
+    assert f"loaded the text encoder {LOADED_FROM_COPY}, a block at a time" in " ".join(loads)
+    assert later.timings["load_s"] > 0 and "transformer" not in engine.parts  # released before decoding, as before
+
+    # The same frames as a low-RAM engine that loads each part whole, one at a time, from the same copies.
+    whole_preset = json.loads((ROOT / "presets" / "low-ram.json").read_text())
+    del whole_preset["reload_transformer_after_video"], whole_preset["stream_text_encoder"]
+    (tmp_path / "whole.json").write_text(json.dumps(whole_preset))
+    whole = Engine(model, dtype="float32", preset=str(tmp_path / "whole.json"), output_dir=tmp_path / "out",
+                   prompt_cache=PromptEmbeddingCache(tmp_path / "whole-prompts"))
+    whole_loads, expected = generate(whole, prompt="a heron in the reeds")
+    assert not any("a block at a time" in message for message in whole_loads)
+    assert list(whole.prepare_next()) == []  # that preset keeps nothing ready
+    np.testing.assert_array_equal(later.frames, expected.frames)
+
+
 def test_the_converted_copy_is_rebuilt_when_the_source_or_the_preset_changes(model, cache, tmp_path,
                                                                               quantizations):
     source = tmp_path / "model"

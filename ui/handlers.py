@@ -46,7 +46,7 @@ class Studio:
         self.engines = EngineCache(config.output_dir, config.group)
         if config.group is not None:  # a process of the group stopped answering: this process keeps serving
             config.group.on_timeout = self.group_broke
-        self.engine_thread = EngineThread()
+        self.engine_thread = EngineThread(between_runs=self.prepare_next)
         self.first_frames_dir = config.output_dir / "inputs"
         self.previews_dir = Path(tempfile.mkdtemp(prefix="wan-studio-previews-"))
         self.runs_started = 0  # numbers the runs' preview files
@@ -172,6 +172,13 @@ class Studio:
         except Exception as error:  # the app keeps serving: a run shows the error again with its own message
             log.exception("getting the model ready failed")
             run.outcome = failed_text(f"getting the model ready: {error}. Generate tries again.")
+
+    def prepare_next(self) -> None:
+        """Between runs, on the engine's thread: the open engine gets ready for the next video (the low-RAM preset
+        loads its transformer again, Engine.prepare_next); a run asked for meanwhile starts right after."""
+        if self.engines.engine is not None:
+            for event in self.engines.engine.prepare_next():
+                log.info("between runs: %s", event.message)
 
     def readiness(self):
         """The page's progress line from the moment it opens: the warm-up's progress while it runs, then how it

@@ -8,11 +8,14 @@ sleeps, a dropped share link), Gradio stops streaming but the run still finishes
 history; only Stop (the engine's cancel token) ends a run early.
 """
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
 
 from wan_engine.engine import CancelToken
+
+log = logging.getLogger("wan_studio")
 
 
 class _Finished:
@@ -52,7 +55,10 @@ class Run:
 
 
 class EngineThread:
-    def __init__(self):
+    def __init__(self, between_runs=None):
+        """`between_runs()`: called on the engine's thread when a run has ended and none waits (the engine gets
+        ready for the next video); what it raises is logged, and the thread keeps serving."""
+        self.between_runs = between_runs
         self._waiting = queue.Queue()  # (run, work) in the order they were asked for
         self._runs_lock = threading.Lock()
         self._runs: list[Run] = []  # asked for and not finished
@@ -86,6 +92,11 @@ class EngineThread:
                     if run in self._runs:  # not abandoned
                         self._runs.remove(run)
                 run.end()
+            if self.between_runs is not None and self._waiting.empty():
+                try:
+                    self.between_runs()
+                except Exception:
+                    log.exception("getting ready for the next run failed (the next run loads what it needs)")
 
     def abandon(self, update, error: BaseException) -> None:
         """The engine's thread is stuck for good (a process of the engine's group stopped answering, and the

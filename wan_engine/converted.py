@@ -36,10 +36,13 @@ from mlx.utils import tree_flatten
 
 from .cache_files import DamagedEntry, partial_name, read_entry, source_identity, stale_partials, write_entry
 from .errors import WanError
-from .loading import Snapshot, leave_embedding_in_file, read_stored, read_weights, safetensors_files
+from .loading import (
+    Snapshot, leave_embedding_in_file, read_stored, read_weights, safetensors_files, stored_tensors,
+)
 from .mapped_embedding import MappedEmbedding
 from .packages import write_weights
 from .quantize import is_quantized, quantize_as_stored
+from .streamed_blocks import BLOCK_KEY, StreamedBlocks
 from .weights import load_into
 
 FORMAT_VERSION = 1
@@ -60,24 +63,32 @@ class ConvertedWeights:
         self.snapshot = snapshot
         self.folder = Path(folder)
 
-    def load(self, component: str, dtype, quantize: dict = None) -> tuple:
+    def load(self, component: str, dtype, quantize: dict = None, stream_blocks: bool = False) -> tuple:
         """(model, origin): `component` (transformer, vae, text_encoder) in `dtype`, quantized as `quantize` asks,
         from its entry when one is whole, else from the model's files (kept as an entry when that pays and there is
-        room). `origin` says where it came from, for the load message."""
-        slot = self.slot(component, dtype, quantize)
-        entry = self.folder / f"{component}-{slot}-{source_identity(self.snapshot.root / component)}"
-        model = self.read(entry, component, dtype)
+        room). `origin` says where it came from, for the load message. `stream_blocks`: a text encoder read from its
+        entry leaves its blocks there, each read as the encoder reaches it (streamed_blocks.py)."""
+        entry = self.entry(component, dtype, quantize)
+        model = self.read(entry, component, dtype, stream_blocks)
         if model is not None:
-            return model, "its converted copy"
+            return model, "its converted copy" + (", a block at a time" if stream_blocks else "")
         model = self.snapshot.load(component, dtype, quantize=quantize, map_embedding=True)
         return model, self.keep(entry, component, model)
+
+    def entry(self, component: str, dtype, quantize: dict | None) -> Path:
+        slot = self.slot(component, dtype, quantize)
+        return self.folder / f"{component}-{slot}-{source_identity(self.snapshot.root / component)}"
+
+    def has(self, component: str, dtype, quantize: dict | None) -> bool:
+        """Whether `component`'s entry is there (whole as far as its MANIFEST says; a load checks the rest)."""
+        return (self.entry(component, dtype, quantize) / MANIFEST).is_file()
 
     def slot(self, component: str, dtype, quantize: dict | None) -> str:
         """What an entry is for (see the module docstring), hashed."""
         what = [FORMAT_VERSION, str(self.snapshot.root.resolve()), component, str(dtype), quantize, mx.__version__]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
-    def read(self, entry: Path, component: str, dtype):
+    def read(self, entry: Path, component: str, dtype, stream_blocks: bool = False):
         """The model from `entry`, or None when there is none or it is damaged (then it is removed)."""
         try:
             manifest = read_manifest(entry)
@@ -86,10 +97,17 @@ class ConvertedWeights:
             check_shards(entry, manifest["files"])
             model = quantize_as_stored(self.snapshot.new_model(component), manifest["quantized"])
             weights, _ = read_weights(entry)
+            keep_fp32 = Snapshot.keep_fp32(component, dtype)
             if component == "text_encoder":
-                leave_embedding_in_file(model, weights, entry, dtype, Snapshot.keep_fp32(component, dtype))
+                leave_embedding_in_file(model, weights, entry, dtype, keep_fp32)
+            if component == "text_encoder" and stream_blocks:
+                blocks = StreamedBlocks(model.encoder.config, stored_tensors(entry), manifest["quantized"], dtype,
+                                        keep_fp32)
+                model.encoder.pop("block")  # an nn.Module is a dict of its children
+                model.encoder.block = blocks  # a plain attribute: its tensors are no parameters of the model
+                weights = {name: value for name, value in weights.items() if not BLOCK_KEY.fullmatch(name)}
             weights = read_stored(entry, weights)  # stored as they run: read by several threads, nothing converted
-            return load_into(model, weights, dtype, Snapshot.keep_fp32(component, dtype), channels_last=True)
+            return load_into(model, weights, dtype, keep_fp32, channels_last=True)
         except DamagedEntry:  # the manifest: read_entry said so and removed it
             shutil.rmtree(entry, ignore_errors=True)
         except (WanError, ValueError, KeyError, RuntimeError, OSError) as error:  # cut short, unreadable, not fitting

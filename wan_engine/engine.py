@@ -37,6 +37,7 @@ from .presets import Preset, load_preset
 from .preview import calibrate, latent_preview
 from .prompt_cache import PromptEmbeddingCache, encoder_identity
 from .scheduler import SAMPLERS, make_scheduler, sampler_defaults
+from .streamed_blocks import StreamedBlocks
 from .text_encoder import count_tokens, encode_prompts, prompt_clean
 from .tokenizer import load_prompt_tokenizer
 from .video import VideoOutput, prepare_folder, remove_stale_partials
@@ -247,7 +248,8 @@ class Engine:
         if name == "tokenizer":
             part = load_prompt_tokenizer(self.root / "tokenizer", cache_root() / "tokenizers")
         elif name == "text_encoder":
-            part, origin = self.converted.load(name, self.dtype, preset.text_encoder_quantization)
+            part, origin = self.converted.load(name, self.dtype, preset.text_encoder_quantization,
+                                               stream_blocks=preset.stream_text_encoder)
         elif name == "transformer":
             part, origin = self.converted.load(name, self.dtype, preset.transformer_quantization)
             self.fused = AdapterSet()  # a fresh transformer holds the snapshot's weights
@@ -289,11 +291,12 @@ class Engine:
             key = self.prompt_cache.key(self.text_identity, cleaned, TEXT_LENGTH)
             cached = self.prompt_cache.get(key, TEXT_LENGTH)
             if cached is None:
-                if self.preset.release_transformer_before_decode:  # one large part in memory at a time
-                    self.release("vae", "transformer")
+                if self.preset.release_transformer_before_decode and not self.streams_text_encoder():
+                    self.release("vae", "transformer")  # one large part in memory at a time
                 yield from self._load("tokenizer", timings)
                 yield from self._load("text_encoder", timings)
                 embedding = encode_prompts(self.parts["text_encoder"], self.parts["tokenizer"], [prompt], TEXT_LENGTH)
+                self._count_streamed_reads(timings)
                 cached = np.array(embedding[0].astype(mx.float32)), count_tokens(self.parts["tokenizer"], prompt)
                 self.prompt_cache.put(key, *cached)
             rows.append(cached[0])
@@ -301,6 +304,28 @@ class Engine:
         if self.preset.release_text_encoder:
             self.release("text_encoder")
         return mx.array(np.stack(rows)).astype(self.dtype)
+
+    def streams_text_encoder(self) -> bool:
+        """Whether the text encoder will be read a block at a time (the preset asks, and its converted copy is
+        there: the first load converts it whole)."""
+        return self.preset.stream_text_encoder and self.converted.has("text_encoder", self.dtype,
+                                                                       self.preset.text_encoder_quantization)
+
+    def _count_streamed_reads(self, timings: dict) -> None:
+        """A streamed text encoder reads its blocks while it encodes: that time is loading, as a whole load's is."""
+        blocks = self.parts["text_encoder"].encoder.block
+        if isinstance(blocks, StreamedBlocks):
+            timings["load_s"] = round(timings.get("load_s", 0.0) + blocks.read_s, 4)
+            blocks.read_s = 0.0
+
+    def prepare_next(self):
+        """Between videos, while nobody waits (the app calls it when no run is waiting): a preset that releases the
+        transformer before decoding loads it again now, in place of the VAE, so that the next video does not wait
+        for it (the text encoder then streams beside it, and a cached prompt loads only the VAE). Yields the
+        loading's progress events."""
+        if self.preset.reload_transformer_after_video and self.group is None and "transformer" not in self.parts:
+            self.release("vae")
+            yield from self._load("transformer", {})
 
     def _calibrate_preview(self, timings: dict):
         yield from self._load("vae", timings)
@@ -439,6 +464,8 @@ class Engine:
 
         condition = None
         if image is not None or (request.preview and self.preview_map is None):
+            if preset.release_transformer_before_decode:  # the VAE is not kept beside the transformer
+                self.release("transformer")
             yield from self._load("vae", timings)
         if image is not None:
             yield ProgressEvent("image", "encoding the first frame")

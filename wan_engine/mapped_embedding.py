@@ -31,6 +31,10 @@ class StoredTensor:
     shape: tuple
     dtype: str  # the safetensors name
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(NUMPY[self.dtype]).itemsize
+
     def rows(self, ids: np.ndarray) -> mx.array:
         mapped = np.memmap(self.path, NUMPY[self.dtype], "r", offset=self.offset, shape=self.shape)
         values = mx.array(np.ascontiguousarray(mapped[ids]))

@@ -21,6 +21,10 @@ class Preset:
     text_encoder_quantization: dict | None = None
     release_text_encoder: bool = True  # after encoding; the prompt-embedding cache covers repeats
     release_transformer_before_decode: bool = False  # and the VAE while the text encoder or transformer works
+    reload_transformer_after_video: bool = False  # Engine.prepare_next loads it again between videos (in place of
+    # the VAE), so that the next video does not wait for it
+    stream_text_encoder: bool = False  # read the text encoder's blocks one at a time as it runs, from its converted
+    # copy (streamed_blocks.py): it then fits beside the transformer, which stays loaded
     vae_tile: dict | None = None  # {"min_pixels": decode untiled below this many pixels per frame, "tile", "overlap"}
     vae_strip_width: int | None = None  # decode in vertical strips of at most this many latent columns, one after
     # another (the same numbers, about half the memory with two strips at 1280x704, a little slower)
