@@ -126,6 +126,19 @@ def test_between_videos_low_ram_loads_its_transformer_and_a_new_prompt_streams_t
     np.testing.assert_array_equal(later.frames, expected.frames)
 
 
+def test_a_damaged_encoder_copy_beside_the_resident_transformer_releases_it_before_the_whole_load(model, cache,
+                                                                                                   tmp_path):
+    engine = low_ram_engine(model, tmp_path, "damaged-beside")
+    generate(engine)
+    list(engine.prepare_next())
+    entry = engine.converted.entry("text_encoder", engine.dtype, engine.preset.text_encoder_quantization)
+    cut_shard(entry)
+    loads, result = generate(engine, prompt="a heron in the reeds")
+    assert f"loaded the text encoder {CONVERTED_AND_KEPT}" in " ".join(loads)  # rebuilt, loaded whole
+    assert "loading the transformer" in loads  # released to make room for it, then loaded again
+    assert (entry / "MANIFEST").is_file() and result.frames is not None
+
+
 def test_the_converted_copy_is_rebuilt_when_the_source_or_the_preset_changes(model, cache, tmp_path,
                                                                               quantizations):
     source = tmp_path / "model"

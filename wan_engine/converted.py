@@ -63,25 +63,25 @@ class ConvertedWeights:
         self.snapshot = snapshot
         self.folder = Path(folder)
 
-    def load(self, component: str, dtype, quantize: dict = None, stream_blocks: bool = False) -> tuple:
+    def load(self, component: str, dtype, quantize: dict = None, stream_blocks: bool = False,
+             make_room=None) -> tuple:
         """(model, origin): `component` (transformer, vae, text_encoder) in `dtype`, quantized as `quantize` asks,
         from its entry when one is whole, else from the model's files (kept as an entry when that pays and there is
         room). `origin` says where it came from, for the load message. `stream_blocks`: a text encoder read from its
-        entry leaves its blocks there, each read as the encoder reaches it (streamed_blocks.py)."""
+        entry leaves its blocks there, each read as the encoder reaches it (streamed_blocks.py). `make_room()` is
+        called before a load from the model's files, which holds the whole part (no entry yet, or a damaged one)."""
         entry = self.entry(component, dtype, quantize)
         model = self.read(entry, component, dtype, stream_blocks)
         if model is not None:
             return model, "its converted copy" + (", a block at a time" if stream_blocks else "")
+        if make_room is not None:
+            make_room()
         model = self.snapshot.load(component, dtype, quantize=quantize, map_embedding=True)
         return model, self.keep(entry, component, model)
 
     def entry(self, component: str, dtype, quantize: dict | None) -> Path:
         slot = self.slot(component, dtype, quantize)
         return self.folder / f"{component}-{slot}-{source_identity(self.snapshot.root / component)}"
-
-    def has(self, component: str, dtype, quantize: dict | None) -> bool:
-        """Whether `component`'s entry is there (whole as far as its MANIFEST says; a load checks the rest)."""
-        return (self.entry(component, dtype, quantize) / MANIFEST).is_file()
 
     def slot(self, component: str, dtype, quantize: dict | None) -> str:
         """What an entry is for (see the module docstring), hashed."""

@@ -248,8 +248,10 @@ class Engine:
         if name == "tokenizer":
             part = load_prompt_tokenizer(self.root / "tokenizer", cache_root() / "tokenizers")
         elif name == "text_encoder":
+            # Streamed, it fits beside the transformer; loaded whole (the first time: converted), it may not.
+            make_room = (lambda: self.release("vae", "transformer")) if preset.release_transformer_before_decode else None
             part, origin = self.converted.load(name, self.dtype, preset.text_encoder_quantization,
-                                               stream_blocks=preset.stream_text_encoder)
+                                               stream_blocks=preset.stream_text_encoder, make_room=make_room)
         elif name == "transformer":
             part, origin = self.converted.load(name, self.dtype, preset.transformer_quantization)
             self.fused = AdapterSet()  # a fresh transformer holds the snapshot's weights
@@ -291,7 +293,7 @@ class Engine:
             key = self.prompt_cache.key(self.text_identity, cleaned, TEXT_LENGTH)
             cached = self.prompt_cache.get(key, TEXT_LENGTH)
             if cached is None:
-                if self.preset.release_transformer_before_decode and not self.streams_text_encoder():
+                if self.preset.release_transformer_before_decode and not self.preset.stream_text_encoder:
                     self.release("vae", "transformer")  # one large part in memory at a time
                 yield from self._load("tokenizer", timings)
                 yield from self._load("text_encoder", timings)
@@ -304,12 +306,6 @@ class Engine:
         if self.preset.release_text_encoder:
             self.release("text_encoder")
         return mx.array(np.stack(rows)).astype(self.dtype)
-
-    def streams_text_encoder(self) -> bool:
-        """Whether the text encoder will be read a block at a time (the preset asks, and its converted copy is
-        there: the first load converts it whole)."""
-        return self.preset.stream_text_encoder and self.converted.has("text_encoder", self.dtype,
-                                                                       self.preset.text_encoder_quantization)
 
     def _count_streamed_reads(self, timings: dict) -> None:
         """A streamed text encoder reads its blocks while it encodes: that time is loading, as a whole load's is."""
