@@ -15,8 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from wan_engine.hub import DEFAULT_MODEL
-from wan_engine.presets import available_presets
+from wan_engine import DEFAULT_MODEL, available_presets
 
 AUTH_VARIABLE = "WAN_STUDIO_AUTH"
 

@@ -48,3 +48,21 @@ def test_between_runs_only_when_none_waits_and_its_failure_is_logged_not_fatal(c
     third = engine_thread.start("c", quick, lambda ahead: "waiting")
     assert list(third.stream()) == ["quick done"]  # the thread kept serving
     wait_for(lambda: len(calls) == 2)
+
+
+def test_a_run_asked_for_while_the_engine_gets_ready_hears_so_then_runs():
+    getting_ready, release = threading.Event(), threading.Event()
+
+    def between_runs():
+        getting_ready.set()
+        release.wait()
+
+    def quick(run):
+        yield "done"
+
+    engine_thread = EngineThread(between_runs=between_runs)
+    assert list(engine_thread.start("a", quick, lambda ahead: f"waiting {ahead}").stream()) == ["done"]
+    assert getting_ready.wait(10)
+    run = engine_thread.start("b", quick, lambda ahead: f"waiting {ahead}")
+    release.set()
+    assert list(run.stream()) == ["waiting 0", "done"]

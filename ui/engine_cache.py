@@ -6,7 +6,7 @@ It is only used from the engine's thread (runs.py), so it needs no lock.
 
 from pathlib import Path
 
-from wan_engine.engine import Engine
+from wan_engine import Engine
 
 
 class EngineCache:

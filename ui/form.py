@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from wan_engine.pipeline import DEFAULT_NEGATIVE_PROMPT
+from wan_engine import DEFAULT_NEGATIVE_PROMPT
 
 from .config import StudioConfig
 from .handlers import random_seed

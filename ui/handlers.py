@@ -17,9 +17,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from wan_engine import ProgressEvent, warm_up
-from wan_engine.engine import GenerationRequest, Result, validate
-from wan_engine.errors import Cancelled, WanError
+from wan_engine import Cancelled, GenerationRequest, ProgressEvent, Result, WanError, validate, warm_up
 
 from . import history
 from .config import MAX_SEED, StudioConfig
@@ -151,6 +149,8 @@ class Studio:
             if self.warm_up_run is not None and not self.warm_up_run.finished.is_set():
                 others = f" and {ahead - 1} other run{'s' * (ahead > 2)}" if ahead > 1 else ""
                 return progress_update(waiting_text(f"Getting the model ready: your run starts right after{others}"))
+            if ahead == 0:  # the engine is getting ready for the next video (Engine.prepare_next)
+                return progress_update(waiting_text("Getting the model ready for your run"))
             return progress_update(waiting_text(f"Waiting for {ahead} run{'s' * (ahead > 1)} ahead of yours "
                                                 "(Stop leaves the line)"))
 

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from wan_engine.demo import DEMO_NOTICE
-from wan_engine.presets import available_presets, load_preset
-from wan_engine.scheduler import SAMPLERS
+from wan_engine import DEMO_NOTICE, SAMPLERS, available_presets, load_preset
 
 from . import history
 from .config import StudioConfig

@@ -13,7 +13,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from wan_engine.engine import CancelToken
+from wan_engine import CancelToken
 
 log = logging.getLogger("wan_studio")
 
@@ -59,6 +59,7 @@ class EngineThread:
         """`between_runs()`: called on the engine's thread when a run has ended and none waits (the engine gets
         ready for the next video); what it raises is logged, and the thread keeps serving."""
         self.between_runs = between_runs
+        self._between = False  # between_runs is running: a run asked for now waits for it
         self._waiting = queue.Queue()  # (run, work) in the order they were asked for
         self._runs_lock = threading.Lock()
         self._runs: list[Run] = []  # asked for and not finished
@@ -66,10 +67,11 @@ class EngineThread:
 
     def start(self, session: str, work, waiting_update) -> Run:
         """Queue `work(run)`, a generator of updates, to run on the engine's thread; `waiting_update(ahead)` is
-        streamed first when `ahead` runs are before it. Stop reaches a run while it waits too."""
+        streamed first when `ahead` runs are before it, or with 0 while the engine gets ready between runs. Stop
+        reaches a run while it waits too."""
         run = Run(session)
         with self._runs_lock:
-            if self._runs:
+            if self._runs or self._between:
                 run.send(waiting_update(len(self._runs)))
             self._runs.append(run)
         self._waiting.put((run, work))
@@ -92,11 +94,16 @@ class EngineThread:
                     if run in self._runs:  # not abandoned
                         self._runs.remove(run)
                 run.end()
-            if self.between_runs is not None and self._waiting.empty():
+            with self._runs_lock:
+                self._between = self.between_runs is not None and self._waiting.empty()
+            if self._between:
                 try:
                     self.between_runs()
                 except Exception:
                     log.exception("getting ready for the next run failed (the next run loads what it needs)")
+                finally:
+                    with self._runs_lock:
+                        self._between = False
 
     def abandon(self, update, error: BaseException) -> None:
         """The engine's thread is stuck for good (a process of the engine's group stopped answering, and the

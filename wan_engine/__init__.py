@@ -9,18 +9,25 @@
 __version__ = "0.1.0"
 
 from .engine import (  # noqa: E402
-    CancelToken, Engine, GenerationRequest, ProgressEvent, Result, recommended_settings,
+    CancelToken, Engine, GenerationRequest, ProgressEvent, Result, recommended_settings, validate,
 )
 from .errors import Cancelled, WanError  # noqa: E402
+from .demo import DEMO_NOTICE  # noqa: E402
+from .hub import DEFAULT_MODEL, resolve_model  # noqa: E402
 from .images import open_image  # noqa: E402
 from .lora import parse_lora  # noqa: E402
 from .cache_files import partial_name  # noqa: E402
+from .packages import convert  # noqa: E402
+from .pipeline import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
+from .presets import available_presets, load_preset  # noqa: E402
+from .scheduler import SAMPLERS  # noqa: E402
 from .video import remove_stale_partials  # noqa: E402
 from .parallel import ParallelGroup, join as join_group  # noqa: E402
 from .warmup import warm_up  # noqa: E402
 
 __all__ = [
-    "CancelToken", "Cancelled", "Engine", "GenerationRequest", "ParallelGroup", "ProgressEvent", "Result", "WanError",
-    "join_group", "open_image", "parse_lora", "partial_name", "recommended_settings", "remove_stale_partials",
-    "warm_up",
+    "CancelToken", "Cancelled", "DEFAULT_MODEL", "DEFAULT_NEGATIVE_PROMPT", "DEMO_NOTICE", "Engine",
+    "GenerationRequest", "ParallelGroup", "ProgressEvent", "Result", "SAMPLERS", "WanError", "available_presets",
+    "convert", "join_group", "load_preset", "open_image", "parse_lora", "partial_name", "recommended_settings",
+    "remove_stale_partials", "resolve_model", "validate", "warm_up",
 ]

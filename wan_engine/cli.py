@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .errors import Cancelled, WanError
-from .lora import parse_lora
-from .hub import DEFAULT_MODEL
+from . import (
+    DEFAULT_MODEL, Cancelled, Engine, GenerationRequest, Result, WanError, convert, join_group, parse_lora,
+    resolve_model, warm_up,
+)
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -89,10 +90,7 @@ class ProgressBar:
 
 
 def run_generate(args) -> int:
-    from .engine import Engine, GenerationRequest, Result
-    from .parallel import join
-
-    group = join()  # under mlx.launch: this process's place in its group; None alone
+    group = join_group()  # under mlx.launch: this process's place in its group; None alone
     if group is not None and not group.is_owner:
         group.serve(args.model, args.preset, args.dtype)
         return 0
@@ -152,9 +150,6 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args) -> int:
-    from .hub import resolve_model
-    from .packages import convert
-
     bar = ProgressBar()
     source = resolve_model(args.model, bar.download)
 
@@ -179,10 +174,6 @@ def add_download_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_download(args) -> int:
-    from .engine import Engine
-    from .hub import resolve_model
-    from .warmup import warm_up
-
     bar = ProgressBar()
     try:
         path = resolve_model(args.model, bar.download)
