@@ -12,7 +12,8 @@ PyTorch, as users run the engine:
               video (a new prompt), a second new prompt and a cached prompt (the same prompt again), each with its
               stages, MLX peak and the process's peak RSS; and the whole process's MLX peak + max RSS. After the
               warm-up and each video, what the app does while no run waits (Engine.prepare_next: the low-RAM preset
-              loads its transformer again), timed apart (the launch includes the one after the warm-up).
+              loads its transformer again), timed apart (the launch includes the one after the warm-up). Last,
+              an image-to-video video with the cached prompt (not part of the goals, which are text to video).
 Each process also reports what raised its max RSS (`ResidentSetWatch`: `resident_set_highs`, `max_rss_rises`)
 and whether it imported PyTorch.
 The previous preset's converted weights and kernels are removed before the next preset's first-ever process, so
@@ -102,6 +103,9 @@ def child(args) -> None:
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
 
+    import numpy as np
+    from PIL import Image
+
     from wan_engine import Engine, GenerationRequest, Result, warm_up
     from wan_engine.memory import process_peak_rss_gib
     from wan_engine.prompt_cache import PromptEmbeddingCache
@@ -135,9 +139,10 @@ def child(args) -> None:
         return {"prepare_next_s": round(time.perf_counter() - start, 3),
                 "prepare_next_peak_gib": round(mx.get_peak_memory() / 2**30, 3)}
 
-    def video(name: str, prompt: str) -> None:
+    def video(name: str, prompt: str, image=None) -> None:
         log(f"  {args.preset} {args.phase}: {name}")
-        request = GenerationRequest(prompt=prompt, negative_prompt=NEGATIVE, guidance=5.0, seed=0, **case)
+        request = GenerationRequest(prompt=prompt, negative_prompt=NEGATIVE, guidance=5.0, seed=0, image=image,
+                                    **case)
         result = watched(name, engine.generate(request))
         sidecar = json.loads(result.sidecar_path.read_text())
         report[name] = {key: sidecar[key] for key in ("timings", "peak_memory_gib", "stage_peak_memory_gib",
@@ -155,6 +160,9 @@ def child(args) -> None:
         video("first_video", PROMPTS[1])
         video("new_prompt", PROMPTS[2])
         video("cached_prompt", PROMPTS[2])
+        picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (case["height"], case["width"], 3),
+                                                                    dtype=np.uint8))
+        video("image_cached_prompt", PROMPTS[2], picture)  # image to video: the first frame's VAE encode too
     else:
         video("first_video", PROMPTS[0])
     peaks = [entry[key] for entry in report.values() if isinstance(entry, dict)
