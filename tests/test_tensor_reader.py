@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from wan_engine.loading import read_stored
+from wan_engine.loading import read_stored, stored_tensors
 from wan_engine.tensor_reader import READER_THREADS, read_tensors
 
 
@@ -24,7 +24,7 @@ def two_files(tmp_path):
 
 def test_the_same_arrays_as_mx_load_from_several_files(two_files):
     folder, expected = two_files
-    read = read_stored(folder, set(expected) - {"a.3"})
+    read = read_stored(stored_tensors(folder), set(expected) - {"a.3"})
     assert set(read) == set(expected) - {"a.3"}
     for name, value in read.items():
         assert value.dtype == expected[name].dtype and value.shape == expected[name].shape
@@ -41,21 +41,21 @@ def test_an_error_in_a_reader_is_raised_here_and_the_readers_keep_serving(two_fi
     tensors = {"a.6": (cut, "a.6", 7 * 33 * 4), "a.0": (cut, "a.0", 33 * 4)}
     with pytest.raises(RuntimeError, match="exceeding the size of the file"):
         read_tensors(tensors)
-    again = read_stored(folder, ["a.6", "b.5"])
+    again = read_stored(stored_tensors(folder), ["a.6", "b.5"])
     assert mx.array_equal(again["a.6"], expected["a.6"]).item()
     assert mx.array_equal(again["b.5"], expected["b.5"]).item()
 
 
 def test_nothing_asked_reads_nothing(two_files):
     folder, _ = two_files
-    assert read_stored(folder, []) == {}
+    assert read_stored(stored_tensors(folder), []) == {}
 
 
 def test_the_readers_keep_nothing_once_the_caller_lets_go(two_files):
     folder, expected = two_files
     mx.clear_cache()
     before = mx.get_active_memory()
-    read = read_stored(folder, expected)
+    read = read_stored(stored_tensors(folder), expected)
     assert mx.get_active_memory() - before == pytest.approx(sum(v.nbytes for v in expected.values()), rel=0.5)
     del read
     assert mx.get_active_memory() == before

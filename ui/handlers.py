@@ -32,8 +32,8 @@ from .runs import EngineThread, Run
 from .sizes import FRAME_STEP, SIZE_MULTIPLE, crop_to_aspect, size_for_aspect
 
 log = logging.getLogger("wan_studio")
-STOP_WAIT_S = 30
-KEPT_PREVIEW_RUNS = 3  # the latest runs whose previews stay on disk  # Stop reports once the run has ended (within a step), or that it is ending after this long
+STOP_WAIT_S = 30  # Stop reports once the run has ended (within a step), or that it is ending after this long
+KEPT_PREVIEW_RUNS = 3  # the latest runs whose previews stay on disk
 READINESS_POLL_S = 0.25  # how often a page that opened during the warm-up hears how it goes
 WARM_UP_SESSION = "warm-up"  # the warm-up's run belongs to no page, so no page's Stop ends it
 

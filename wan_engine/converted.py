@@ -97,16 +97,16 @@ class ConvertedWeights:
             check_shards(entry, manifest["files"])
             model = quantize_as_stored(self.snapshot.new_model(component), manifest["quantized"])
             weights, _ = read_weights(entry)
+            stored = stored_tensors(entry)
             keep_fp32 = Snapshot.keep_fp32(component, dtype)
             if component == "text_encoder":
-                leave_embedding_in_file(model, weights, entry, dtype, keep_fp32)
+                leave_embedding_in_file(model, weights, stored, dtype, keep_fp32)
             if component == "text_encoder" and stream_blocks:
-                blocks = StreamedBlocks(model.encoder.config, stored_tensors(entry), manifest["quantized"], dtype,
-                                        keep_fp32)
+                blocks = StreamedBlocks(model.encoder.config, stored, manifest["quantized"], dtype, keep_fp32)
                 model.encoder.pop("block")  # an nn.Module is a dict of its children
                 model.encoder.block = blocks  # a plain attribute: its tensors are no parameters of the model
                 weights = {name: value for name, value in weights.items() if not BLOCK_KEY.fullmatch(name)}
-            weights = read_stored(entry, weights)  # stored as they run: read by several threads, nothing converted
+            weights = read_stored(stored, weights)  # stored as they run: read by several threads, nothing converted
             return load_into(model, weights, dtype, keep_fp32, channels_last=True)
         except DamagedEntry:  # the manifest: read_entry said so and removed it
             shutil.rmtree(entry, ignore_errors=True)

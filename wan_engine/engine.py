@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime
 from pathlib import Path
 
@@ -249,7 +250,8 @@ class Engine:
             part = load_prompt_tokenizer(self.root / "tokenizer", cache_root() / "tokenizers")
         elif name == "text_encoder":
             # Streamed, it fits beside the transformer; loaded whole (the first time: converted), it may not.
-            make_room = (lambda: self.release("vae", "transformer")) if preset.release_transformer_before_decode else None
+            whole_needs_room = preset.release_transformer_before_decode
+            make_room = partial(self.release, "vae", "transformer") if whole_needs_room else None
             part, origin = self.converted.load(name, self.dtype, preset.text_encoder_quantization,
                                                stream_blocks=preset.stream_text_encoder, make_room=make_room)
         elif name == "transformer":

@@ -24,7 +24,9 @@ from .errors import WanError
 from .mapped_embedding import StoredTensor, leave_in_file
 from .quantize import POLICIES, quantize_as_stored, quantize_layers, stored_quantization
 from .tensor_reader import read_tensors
-from .weights import TIED_COPIES, load_into, runs_as_stored, sanitize_mlxgen_transformer, sanitize_mlxgen_vae
+from .weights import (
+    TIED_COPIES, load_into, running_dtype, runs_as_stored, sanitize_mlxgen_transformer, sanitize_mlxgen_vae,
+)
 
 COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 PACKAGE_RECORD = "wan_studio_package.json"
@@ -89,14 +91,11 @@ def read_weights(folder: Path) -> tuple[dict, dict]:
     return weights, headers[0].get("__metadata__", {})
 
 
-def read_stored(folder: Path, names) -> dict:
-    """name -> evaluated mx.array of `names` in a component's shards, as they are stored, read by several threads at
-    once (tensor_reader.py): for parts stored as they run, such as converted copies."""
-    wanted, found = set(names) - set(TIED_COPIES), {}
-    for path in safetensors_files(folder):
-        found.update({name: (path, name, entry["data_offsets"][1] - entry["data_offsets"][0])
-                      for name, entry in check_safetensors(path).items() if name in wanted})
-    return read_tensors(found)
+def read_stored(stored: dict, names) -> dict:
+    """name -> evaluated mx.array of `names` among `stored` (stored_tensors), as they are stored, read by several
+    threads at once (tensor_reader.py): for parts stored as they run, such as converted copies."""
+    wanted = set(names) - set(TIED_COPIES)
+    return read_tensors({name: (tensor.path, name, tensor.nbytes) for name, tensor in stored.items() if name in wanted})
 
 
 def stored_tensors(folder: Path) -> dict:
@@ -111,10 +110,10 @@ def stored_tensors(folder: Path) -> dict:
     return found
 
 
-def leave_embedding_in_file(model, weights: dict, folder: Path, dtype, keep_fp32: tuple) -> None:
-    """The text encoder's token table stays in its files when they hold it as it runs (mapped_embedding.py)."""
-    target = mx.float32 if any(p in "shared.weight" for p in keep_fp32) else dtype
-    leave_in_file(model, "shared", weights, stored_tensors(folder), target)
+def leave_embedding_in_file(model, weights: dict, stored: dict, dtype, keep_fp32: tuple) -> None:
+    """The text encoder's token table stays in its files (`stored`: stored_tensors) when they hold it as it runs
+    (mapped_embedding.py)."""
+    leave_in_file(model, "shared", weights, stored, running_dtype("shared.weight", dtype, keep_fp32))
 
 
 def written_by_mlxgen(metadata: dict) -> bool:
@@ -268,10 +267,11 @@ class Snapshot:
             quantize_as_stored(model, stored)
             if quantize:
                 quantize_layers(model, layers, quantize["bits"], quantize.get("group_size", 64))
+            stored = stored_tensors(folder)
             if map_embedding and component == "text_encoder":
-                leave_embedding_in_file(model, weights, folder, dtype, keep_fp32)
+                leave_embedding_in_file(model, weights, stored, dtype, keep_fp32)
             if not quantize and not mlxgen and runs_as_stored(weights, dtype, keep_fp32):
-                weights = read_stored(folder, weights)  # nothing to convert: read by several threads at once
+                weights = read_stored(stored, weights)  # nothing to convert: read by several threads at once
             return load_into(model, weights, dtype, keep_fp32, progress, channels_last=mlxgen)
         except ValueError as e:
             hint = ""
