@@ -108,7 +108,7 @@ def child(args) -> None:
 
     from wan_engine import Engine, GenerationRequest, Result, warm_up
     from wan_engine.memory import process_peak_rss_gib
-    from wan_engine.prompt_cache import PromptEmbeddingCache
+    from wan_engine.model_files.prompt_cache import PromptEmbeddingCache
 
     report = {"import_s": round(time.perf_counter() - start, 3)}
     case = CASES["tiny" if args.tiny else "full"]

@@ -1,4 +1,4 @@
-"""Benchmark: one GPU against two on one video (wan_engine.parallel), at the real TI2V-5B sizes, random weights.
+"""Benchmark: one GPU against two on one video (wan_engine.parallel.group), at the real TI2V-5B sizes, random weights.
 
     mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 -- python3 bench/bench_distributed.py
     mlx.launch -n 2 --backend ring -- python3 bench/bench_distributed.py --tiny --out /tmp/d.json   # CPU, tiny
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from bench_gpu import FULL, TINY, build_snapshot, log  # noqa: E402
 from wan_engine import Engine, GenerationRequest, Result, join_group  # noqa: E402
-from wan_engine.prompt_cache import PromptEmbeddingCache  # noqa: E402
+from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402
 
 PROMPT, NEGATIVE = "A corgi surfing a wave at sunset, cinematic", "blurry, low quality, static"
 GOALS = {  # (case, measure): the speed-up of two GPUs over one asked for (issue #12)

@@ -32,9 +32,9 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from bench_gpu import guarded, log, setup  # noqa: E402
 from wan_engine.engine import Engine, GenerationRequest  # noqa: E402
-from wan_engine.lora import transformer_shapes  # noqa: E402
-from wan_engine.loading import Snapshot  # noqa: E402
-from wan_engine.prompt_cache import PromptEmbeddingCache  # noqa: E402
+from wan_engine.model_files.lora import transformer_shapes  # noqa: E402
+from wan_engine.model_files.loading import Snapshot  # noqa: E402
+from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402
 
 LORA_LAYERS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
                "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")

@@ -28,12 +28,12 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from wan_engine.demo import build_tokenizer  # noqa: E402
+from wan_engine.model_files.demo import build_tokenizer  # noqa: E402
 from wan_engine.engine import Engine, GenerationRequest, Result, apply_memory_limits  # noqa: E402
-from wan_engine.loading import Snapshot  # noqa: E402
+from wan_engine.model_files.loading import Snapshot  # noqa: E402
 from wan_engine.pipeline import LatentNormalizer, decode_frames  # noqa: E402
 from wan_engine.presets import load_preset  # noqa: E402
-from wan_engine.prompt_cache import PromptEmbeddingCache  # noqa: E402
+from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402
 from wan_engine.video import to_uint8, write_video  # noqa: E402
 
 FULL = dict(

@@ -25,11 +25,11 @@ import numpy as np  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from wan_engine.config import VAEConfig  # noqa: E402
-from wan_engine.rope import apply_rope, rope_tables  # noqa: E402
-from wan_engine.transformer import WanTransformerBlock, gelu_tanh  # noqa: E402
-from wan_engine.vae import WanVAE  # noqa: E402
-from wan_engine.vae_layers import FeatureCache  # noqa: E402
+from wan_engine.models.config import VAEConfig  # noqa: E402
+from wan_engine.models.rope import apply_rope, rope_tables  # noqa: E402
+from wan_engine.models.transformer import WanTransformerBlock, gelu_tanh  # noqa: E402
+from wan_engine.models.vae import WanVAE  # noqa: E402
+from wan_engine.models.vae_layers import FeatureCache  # noqa: E402
 
 GIB = 2**30
 
@@ -238,7 +238,7 @@ def main():
             report["kernels"] = profile_kernels(64, 2, 128, {"121f": (31, 4, 8)}, dtype)
         else:
             report["kernels"] = profile_kernels(3072, 24, 14336, {"17f": (5, 22, 40), "121f": (31, 22, 40)}, dtype)
-    config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
+    config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/models/configs/vae.json")
     if args.tiny:
         config.decoder_base_dim = 16
     if args.cache_limit_gib is not None:

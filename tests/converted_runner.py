@@ -15,9 +15,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from wan_engine import converted
-from wan_engine.demo import cache_root
-from wan_engine.loading import Snapshot
+from wan_engine.model_files import converted
+from wan_engine.model_files.demo import cache_root
+from wan_engine.model_files.loading import Snapshot
 
 model, moment = sys.argv[1], sys.argv[2]
 

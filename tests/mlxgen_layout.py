@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from wan_engine.loading import read_weights
+from wan_engine.model_files.loading import read_weights
 
 MLXGEN_VERSION = "0.38.0"
 Q8_LAYERS = re.compile(r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.[01])")

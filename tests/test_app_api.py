@@ -20,7 +20,7 @@ from PIL import Image
 import app
 from app_server import ROOT
 from test_lora import musubi_lora, shapes_of
-from wan_engine.demo import ensure_demo_model
+from wan_engine.model_files.demo import ensure_demo_model
 from wan_engine.video import read_video
 
 TIMEOUT_S = 120

@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 
 from browser import CHROMIUM, chromium
 from test_lora import musubi_lora, shapes_of
-from wan_engine.demo import ensure_demo_model
+from wan_engine.model_files.demo import ensure_demo_model
 
 RUN_TIMEOUT_MS = 90_000
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from gradio_client import Client
 
-import wan_engine.weights
+import wan_engine.model_files.weights
 from app_server import ROOT, running_app
 from browser import CHROMIUM, chromium
 from conftest import run_cli
@@ -29,9 +29,9 @@ from test_app_api import TIMEOUT_S, wait_until
 from test_lora import comfy_lora, shapes_of
 from tiny_snapshots import TinySpec, build_snapshot
 from wan_engine import Engine, GenerationRequest, Result
-from wan_engine.converted import ConvertedWeights
-from wan_engine.loading import Snapshot
-from wan_engine.prompt_cache import PromptEmbeddingCache
+from wan_engine.model_files.converted import ConvertedWeights
+from wan_engine.model_files.loading import Snapshot
+from wan_engine.model_files.prompt_cache import PromptEmbeddingCache
 
 Q8 = {"bits": 8, "group_size": 64}
 SMALL = dict(prompt="a paper boat on a pond", negative_prompt="blurry", width=64, height=64, frames=5, steps=2,
@@ -58,8 +58,8 @@ def cache(tmp_path, monkeypatch):
 def quantizations(monkeypatch):
     """Counts the weights quantized while loading (weights.load_into quantizes each through quantize_weight)."""
     calls = []
-    quantize_weight = wan_engine.weights.quantize_weight
-    monkeypatch.setattr(wan_engine.weights, "quantize_weight", lambda *args: calls.append(1) or quantize_weight(*args))
+    quantize_weight = wan_engine.model_files.weights.quantize_weight
+    monkeypatch.setattr(wan_engine.model_files.weights, "quantize_weight", lambda *args: calls.append(1) or quantize_weight(*args))
     return calls
 
 

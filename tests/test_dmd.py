@@ -15,11 +15,11 @@ from conftest import SPECS, run_cli
 from dmd_reference import FlowMatchTable, fastvideo_dmd_frames, pred_noise_to_pred_video
 from test_pipeline import BAR, noise_for, run_engine
 from tiny_snapshots import sample_image
-from wan_engine.config import SchedulerConfig
+from wan_engine.models.config import SchedulerConfig
 from wan_engine.engine import CancelToken, Engine, GenerationRequest, validate
 from wan_engine.errors import Cancelled, WanError
 from wan_engine.pipeline import step_noise_key
-from wan_engine.scheduler import FlowDMDScheduler, make_scheduler
+from wan_engine.sampling.samplers import FlowDMDScheduler, make_scheduler
 
 PROMPT = "a red fox runs through fresh snow"
 # Beside the BAR: we measure ~1e-6; looking sigmas up in a shift-5 table instead of FastVideo's shift-8 one

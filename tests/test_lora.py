@@ -3,7 +3,7 @@
 The files are written here in each layout diffusers' `WanLoraLoaderMixin` reads, with the key names the tools
 write (ComfyUI / original Wan `diffusion_model.*` with lora_down/lora_up or lora_A/lora_B, alpha, diff, diff_b;
 musubi-tuner `lora_unet_*`; diffusers/PEFT `transformer.*` with its saved LoraConfig), random and of several ranks.
-The module-name tables come from wan_engine.weights; diffusers converts the same files with its own code, so a wrong
+The module-name tables come from wan_engine.model_files.weights; diffusers converts the same files with its own code, so a wrong
 table shows as a parity failure.
 """
 
@@ -20,11 +20,11 @@ from test_pipeline import noise_for
 from tiny_snapshots import TinySpec, build_snapshot, reference_frames, sample_image
 from wan_engine.engine import Engine, GenerationRequest
 from wan_engine.errors import WanError
-from wan_engine.loading import Snapshot
-from wan_engine.lora import transformer_shapes
-from wan_engine.packages import convert
+from wan_engine.model_files.loading import Snapshot
+from wan_engine.model_files.lora import transformer_shapes
+from wan_engine.model_files.packages import convert
 from wan_engine.video import read_metadata
-from wan_engine.weights import WAN_BLOCK_LAYERS, WAN_TOP_LAYERS, wan_layer_name
+from wan_engine.model_files.weights import WAN_BLOCK_LAYERS, WAN_TOP_LAYERS, wan_layer_name
 
 BAR = 2e-3  # the issue's bar on decoded frames, max abs
 PROMPT, NEGATIVE = "a paper boat on a stream", "blurry"

@@ -20,15 +20,15 @@ import pytest
 from conftest import run_cli
 from mlxgen_layout import write_mlxgen_package
 from tiny_snapshots import TinySpec, build_snapshot, reference_frames
-from wan_engine import packages
-from wan_engine.config import TransformerConfig, VAEConfig
+from wan_engine.model_files import packages
+from wan_engine.models.config import TransformerConfig, VAEConfig
 from wan_engine.engine import Engine, GenerationRequest
 from wan_engine.errors import WanError
-from wan_engine.loading import SHIPPED_CONFIGS, Snapshot, read_weights
-from wan_engine.quantize import is_quantized, quantize_text_encoder, quantize_transformer
-from wan_engine.text_encoder import UMT5Encoder, encode_prompts
-from wan_engine.tokenizer import load_prompt_tokenizer
-from wan_engine.transformer import WanTransformer
+from wan_engine.model_files.loading import SHIPPED_CONFIGS, Snapshot, read_weights
+from wan_engine.model_files.quantize import is_quantized, quantize_text_encoder, quantize_transformer
+from wan_engine.models.text_encoder import UMT5Encoder, encode_prompts
+from wan_engine.model_files.tokenizer import load_prompt_tokenizer
+from wan_engine.models.transformer import WanTransformer
 
 SPEC = TinySpec(heads=2, head_dim=64, layers=3, ffn_dim=512, freq_dim=64, text_dim=128, text_layers=4, text_heads=2,
                 vocab_size=800, vae_base_dim=8, vae_decoder_base_dim=8, max_shard_size="200KB", seed=2)

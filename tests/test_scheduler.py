@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from wan_engine.config import SchedulerConfig
-from wan_engine.scheduler import FlowEulerScheduler, FlowUniPCScheduler, make_scheduler
+from wan_engine.models.config import SchedulerConfig
+from wan_engine.sampling.samplers import FlowEulerScheduler, FlowUniPCScheduler, make_scheduler
 
 WAN22_SCHEDULER = dict(
     prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0,

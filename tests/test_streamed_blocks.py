@@ -6,11 +6,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from tiny_snapshots import TinySpec, build_snapshot
-from wan_engine.converted import ConvertedWeights
-from wan_engine.loading import Snapshot
-from wan_engine.streamed_blocks import StreamedBlocks
-from wan_engine.text_encoder import encode_prompts
-from wan_engine.tokenizer import load_prompt_tokenizer
+from wan_engine.model_files.converted import ConvertedWeights
+from wan_engine.model_files.loading import Snapshot
+from wan_engine.model_files.streamed_blocks import StreamedBlocks
+from wan_engine.models.text_encoder import encode_prompts
+from wan_engine.model_files.tokenizer import load_prompt_tokenizer
 
 PROMPTS = ["a paper boat on a pond", "", "zz zz zz, a fox; a fox!"]
 Q8 = {"bits": 8, "group_size": 64}

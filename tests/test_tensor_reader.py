@@ -7,8 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from wan_engine.loading import read_stored, stored_tensors
-from wan_engine.tensor_reader import READER_THREADS, read_tensors
+from wan_engine.model_files.loading import read_stored, stored_tensors
+from wan_engine.model_files.tensor_reader import READER_THREADS, read_tensors
 
 
 @pytest.fixture

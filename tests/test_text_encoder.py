@@ -8,21 +8,21 @@ import pytest
 import torch
 from diffusers.pipelines.wan import pipeline_wan
 from mlx.utils import tree_flatten
-from wan_engine.demo import build_tokenizer
+from wan_engine.model_files.demo import build_tokenizer
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from wan_engine import text_encoder
-from wan_engine.config import TextEncoderConfig
-from wan_engine.loading import TEXT_ENCODER_FP16_KEEP_FP32
-from wan_engine.text_encoder import (
+from wan_engine.models import text_encoder
+from wan_engine.models.config import TextEncoderConfig
+from wan_engine.model_files.loading import TEXT_ENCODER_FP16_KEEP_FP32
+from wan_engine.models.text_encoder import (
     UMT5Encoder,
     clamp_inf_fp16,
     encode_prompts,
     prompt_clean,
     relative_position_bucket,
 )
-from wan_engine.tokenizer import load_prompt_tokenizer
-from wan_engine.weights import load_into
+from wan_engine.model_files.tokenizer import load_prompt_tokenizer
+from wan_engine.model_files.weights import load_into
 
 CONFIGS = {
     # heads x d_kv == d_model, few buckets, short max_distance (sequences reach the log-spaced buckets)

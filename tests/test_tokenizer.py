@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, T5TokenizerFast
 
-from wan_engine.demo import build_tokenizer
-from wan_engine.tokenizer import load_prompt_tokenizer
+from wan_engine.model_files.demo import build_tokenizer
+from wan_engine.model_files.tokenizer import load_prompt_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -61,7 +61,7 @@ def test_a_later_process_reads_it_without_transformers_or_torch(tmp_path):
     expected = load_prompt_tokenizer(folder, tmp_path / "kept").batch(PROMPTS, 64)[0]
     script = (
         "import json, sys\n"
-        "from wan_engine.tokenizer import load_prompt_tokenizer\n"
+        "from wan_engine.model_files.tokenizer import load_prompt_tokenizer\n"
         f"ids, _ = load_prompt_tokenizer({str(folder)!r}, {str(tmp_path / 'kept')!r}).batch({PROMPTS!r}, 64)\n"
         "imported = [m for m in ('transformers', 'torch') if m in sys.modules]\n"
         "print(json.dumps({'ids': ids.tolist(), 'imported': imported}))\n"

@@ -1,4 +1,4 @@
-"""Parity of wan_engine.transformer with diffusers' WanTransformer3DModel on small random models.
+"""Parity of wan_engine.models.transformer with diffusers' WanTransformer3DModel on small random models.
 
 Every parameter is randomized (diffusers zero-inits some, which would hide mistakes), inputs are random, the
 per-token timesteps are built the way diffusers' Wan pipelines build them with `expand_timesteps=True`, and the
@@ -14,10 +14,10 @@ import torch
 from diffusers import WanTransformer3DModel as TorchWanTransformer3DModel
 from mlx.utils import tree_flatten
 
-from wan_engine.config import TransformerConfig
-from wan_engine.loading import TRANSFORMER_FP32_PARAMETERS
-from wan_engine.transformer import WanTransformer
-from wan_engine.weights import load_into
+from wan_engine.models.config import TransformerConfig
+from wan_engine.model_files.loading import TRANSFORMER_FP32_PARAMETERS
+from wan_engine.models.transformer import WanTransformer
+from wan_engine.model_files.weights import load_into
 
 SMALL = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, ffn_dim=64, in_channels=12,
              out_channels=12, text_dim=32, freq_dim=32)

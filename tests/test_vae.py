@@ -1,4 +1,4 @@
-"""Parity of wan_engine.vae with diffusers' AutoencoderKLWan on small random models.
+"""Parity of wan_engine.models.vae with diffusers' AutoencoderKLWan on small random models.
 
 Every parameter is randomized (RMS gammas included), at scales that keep activations O(1) and most decoded values
 inside the [-1, 1] clamp, so that a mistake in any layer shows. Latent and video lengths span several chunks, so the
@@ -15,9 +15,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from wan_engine.config import VAEConfig
-from wan_engine.vae import WanVAE, strip_layout
-from wan_engine.weights import load_into
+from wan_engine.models.config import VAEConfig
+from wan_engine.models.vae import WanVAE, strip_layout
+from wan_engine.model_files.weights import load_into
 
 
 def wan22_like(z_dim, **config):
@@ -125,7 +125,7 @@ def test_ti2v_decoder_stages_and_strip_margin():
     """TI2V-5B's decoder doubles the frames in up blocks 0 and 1: the frame-by-frame decode's stages split there.
     Its up blocks and head see 13 latent columns beyond a strip's edge (12.25 rounded up at each upsampling), so
     1280x704 (80 columns) decodes as two strips of 40 (+13) with the low-RAM preset."""
-    config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/configs/vae.json")
+    config = VAEConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/models/configs/vae.json")
     decoder = WanVAE(config).decoder
     assert [list(stage) for stage in decoder.stages] == [[0], [1], [2, 3]]
     assert decoder.strip_margin == 13

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideo
 from PIL import Image
 from transformers import UMT5Config, UMT5EncoderModel
 
-from wan_engine.demo import build_tokenizer
+from wan_engine.model_files.demo import build_tokenizer
 
 
 @dataclass(frozen=True)

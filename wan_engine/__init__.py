@@ -6,23 +6,23 @@
         print(item)  # ProgressEvents, then the Result
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .engine import (  # noqa: E402
     CancelToken, Engine, GenerationRequest, ProgressEvent, Result, recommended_settings, validate,
 )
 from .errors import Cancelled, WanError  # noqa: E402
-from .demo import DEMO_NOTICE  # noqa: E402
-from .hub import DEFAULT_MODEL, resolve_model  # noqa: E402
+from .model_files.demo import DEMO_NOTICE  # noqa: E402
+from .model_files.hub import DEFAULT_MODEL, resolve_model  # noqa: E402
 from .images import open_image  # noqa: E402
-from .lora import parse_lora  # noqa: E402
-from .cache_files import partial_name  # noqa: E402
-from .packages import convert  # noqa: E402
+from .model_files.lora import parse_lora  # noqa: E402
+from .model_files.cache_files import partial_name  # noqa: E402
+from .model_files.packages import convert  # noqa: E402
 from .pipeline import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
 from .presets import available_presets, load_preset  # noqa: E402
-from .scheduler import SAMPLERS  # noqa: E402
+from .sampling.samplers import SAMPLERS  # noqa: E402
 from .video import remove_stale_partials  # noqa: E402
-from .parallel import ParallelGroup, join as join_group  # noqa: E402
+from .parallel.group import ParallelGroup, join as join_group  # noqa: E402
 from .warmup import warm_up  # noqa: E402
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Command line: `python -m wan_engine generate ...`, alone or in a group: `mlx.launch -n 2 -- python -m wan_engine
-generate ...` shares the video among the processes, and rank 0 writes it (wan_engine.parallel).
+generate ...` shares the video among the processes, and rank 0 writes it (wan_engine.parallel.group).
 
 Errors a user can fix (bad sizes, missing files, ...) end with one line on stderr and exit code 1, never a
 traceback.

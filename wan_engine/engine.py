@@ -20,15 +20,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import __version__
-from .demo import DEMO_NOTICE, cache_root
+from .version import __version__
+from .model_files.demo import DEMO_NOTICE, cache_root
 from .errors import Cancelled, WanError
-from .config import SchedulerConfig
-from .converted import ConvertedWeights
-from .hub import find_local_model, resolve_model
-from .kernel_cache import keep_compiled_kernels
-from .loading import Snapshot
-from .lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
+from .models.config import SchedulerConfig
+from .model_files.converted import ConvertedWeights
+from .model_files.hub import find_local_model, resolve_model
+from .model_files.kernel_cache import keep_compiled_kernels
+from .model_files.loading import Snapshot
+from .model_files.lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
 from .memory import process_peak_rss_gib
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
@@ -36,11 +36,11 @@ from .pipeline import (
 )
 from .presets import Preset, load_preset
 from .preview import calibrate, latent_preview
-from .prompt_cache import PromptEmbeddingCache, encoder_identity
-from .scheduler import SAMPLERS, make_scheduler, sampler_defaults
-from .streamed_blocks import StreamedBlocks
-from .text_encoder import count_tokens, encode_prompts, prompt_clean
-from .tokenizer import load_prompt_tokenizer
+from .model_files.prompt_cache import PromptEmbeddingCache, encoder_identity
+from .sampling.samplers import SAMPLERS, make_scheduler, sampler_defaults
+from .model_files.streamed_blocks import StreamedBlocks
+from .models.text_encoder import count_tokens, encode_prompts, prompt_clean
+from .model_files.tokenizer import load_prompt_tokenizer
 from .video import VideoOutput, prepare_folder, remove_stale_partials
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -130,7 +130,7 @@ class Result:
     prompt_tokens: dict  # {"used", "total", "limit"}: the model reads the first `limit` tokens of the prompt
     frames: np.ndarray | None = field(default=None, repr=False)
     process_peak_rss_gib: float = 0.0  # the whole process's peak physical memory so far (memory.py)
-    parallel: dict | None = None  # a group's run: {"ranks", "guidance", "sequence", ...} (wan_engine.parallel)
+    parallel: dict | None = None  # a group's run: {"ranks", "guidance", "sequence", ...} (wan_engine.parallel.group)
 
 
 def validate(request: GenerationRequest, size_multiple: int, frame_step: int) -> None:
@@ -210,7 +210,7 @@ class Engine:
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.preset = load_preset(preset)
         self.preset_source = str(preset)  # a name or a path, which the other processes of a group open too
-        self.group = group  # wan_engine.parallel.ParallelGroup of rank 0, whose runs this engine shares; or None
+        self.group = group  # wan_engine.parallel.group.ParallelGroup of rank 0, whose runs this engine shares; or None
         self.output_dir = Path(output_dir)
         self.transformer_config = self.snapshot.transformer_config
         self.vae_config = self.snapshot.vae_config
@@ -476,7 +476,7 @@ class Engine:
         if preset.release_transformer_before_decode:  # low memory: the VAE is not kept beside the transformer
             self.release("vae")
         self._end_stage(cancel)
-        # A group's other processes take the run from here (wan_engine.parallel), each with its part of the work.
+        # A group's other processes take the run from here (wan_engine.parallel.group), each with its part of the work.
         plan = None if self.group is None else self.group.start_run(self, request, seed, context, noise, condition)
 
         yield from self._load("transformer", timings)

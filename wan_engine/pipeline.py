@@ -10,7 +10,7 @@ from PIL import Image
 
 from .errors import Cancelled, WanError
 from .images import open_image
-from .vae_tiling import decode_tiled
+from .models.vae_tiling import decode_tiled
 
 # Wan's official default negative prompt (Wan-Video/Wan2.2 `shared_config.sample_neg_prompt`).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -107,7 +107,7 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
     guidance pair runs as one batch of two (`cfg_batch`, faster) or as two passes of one (half the activations).
     condition: the normalized first-frame latent for image-to-video, kept fixed as frame 0 with timestep 0 (TI2V's
     `expand_timesteps` conditioning, as diffusers and FastVideo's TI2V denoising do it; with every sampler, DMD too).
-    split: this process's part of a group's run (wan_engine.parallel.RankPlan), or None alone. It runs one branch
+    split: this process's part of a group's run (wan_engine.parallel.group.RankPlan), or None alone. It runs one branch
     of the guidance pair (`split.branch`) and exchanges predictions with the other half of the group, and/or its
     share of the tokens (`split.shard`); every step starts at a checkpoint of the whole group, where rank 0's
     cancel token reaches the others. All processes keep the same latents.
@@ -161,7 +161,7 @@ def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=N
     latent frames with `strip_width`), `frames` (T_i, H, W, 3) or None while earlier strips decode; tiled (`tile` =
     {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at the end (`frames`
     None before). Frames are MLX arrays. `frame_by_frame`, `strip_width`: see WanVAE.decode_chunks.
-    split: in a group (wan_engine.parallel.RankPlan), untiled, each process decodes its part of the strips and
+    split: in a group (wan_engine.parallel.group.RankPlan), untiled, each process decodes its part of the strips and
     rank 0 gets whole chunks (the others get None); each chunk is a checkpoint, as each denoising step. A tiled
     decode runs on rank 0 alone."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from .cache_files import partial_name, stale_partials
+from .model_files.cache_files import partial_name, stale_partials
 from .errors import WanError
 
 METADATA_TEXT_CHARS = 2000  # longest text kept in one MP4 tag

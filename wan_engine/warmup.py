@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .engine import Engine, GenerationRequest, Result
-from .prompt_cache import PromptEmbeddingCache
+from .model_files.prompt_cache import PromptEmbeddingCache
 
 WARM_UP = dict(prompt="a short warm-up clip of a quiet harbour", width=256, height=256, frames=5, steps=2, seed=0)
 

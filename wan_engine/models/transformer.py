@@ -1,7 +1,7 @@
 """Wan2.2 TI2V-5B diffusion transformer: diffusers `WanTransformer3DModel` in MLX (`WanTransformer`).
 
 Module and parameter names equal the diffusers `state_dict()` keys, so a checkpoint loads with
-`wan_engine.weights.load_into` (which only moves the patch-embedding kernel to channels-last).
+`wan_engine.model_files.weights.load_into` (which only moves the patch-embedding kernel to channels-last).
 
 The engine is channels-last: latents are (B, F, H, W, C). A run computes two things once and reuses them for all
 denoising steps (the pipeline calls the model twice per step):
@@ -10,7 +10,7 @@ denoising steps (the pipeline calls the model twice per step):
     context = model.cross_attention_kv(model.embed_text(text))  # each block's cross-attention keys / values
     velocity = model(latents, timestep, context, rope)          # per step; timestep (B,) or (B, F)
 
-In a group of processes (wan_engine.parallel) the call takes a sharding hint, `shard`, that splits each timestep
+In a group of processes (wan_engine.parallel.group) the call takes a sharding hint, `shard`, that splits each timestep
 group's tokens among the processes: each runs the blocks on its own tokens (with their own rotary positions),
 self-attention gathers every process's keys and values, and the output is gathered whole.
 
@@ -303,7 +303,7 @@ class WanTransformer(nn.Module):
         (diffusers' per-token `expand_timesteps` input is constant within a frame, so the timestep embedding and the
         modulation are computed per frame and broadcast over its tokens). context: `cross_attention_kv(...)` output,
         or the `embed_text(...)` array. rope: `self.rope(F, H, W)`. shard: a group's sharding hint
-        (wan_engine.parallel.TokenShard) or None.
+        (wan_engine.parallel.group.TokenShard) or None.
         Returns (B, F, H, W, out_channels) in the compute dtype.
         """
         dtype = self.dtype

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .quantize import quantize_as_stored
 from .tensor_reader import read_tensors
-from .text_encoder import UMT5Block
+from ..models.text_encoder import UMT5Block
 from .weights import load_into
 
 BLOCK_KEY = re.compile(r"encoder\.block\.(\d+)\.(.+)")

@@ -45,7 +45,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .errors import WanError
+from ..errors import WanError
 from .hub import download_file, looks_like_hub_file
 from .loading import check_safetensors
 from .weights import (
@@ -169,7 +169,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def transformer_shapes(config) -> dict:
     """Parameter name -> shape in PyTorch layout, from a transformer built lazily from `config` (nothing computed)."""
-    from .transformer import WanTransformer
+    from ..models.transformer import WanTransformer
 
     return {key: tuple(to_diffusers_layout(key, value).shape)
             for key, value in tree_flatten(WanTransformer(config).parameters())}

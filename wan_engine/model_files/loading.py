@@ -19,8 +19,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .config import SchedulerConfig, TextEncoderConfig, TransformerConfig, VAEConfig
-from .errors import WanError
+from ..models.config import SHIPPED_CONFIGS, SchedulerConfig, TextEncoderConfig, TransformerConfig, VAEConfig
+from ..errors import WanError
 from .mapped_embedding import StoredTensor, leave_in_file
 from .quantize import POLICIES, quantize_as_stored, quantize_layers, stored_quantization
 from .tensor_reader import read_tensors
@@ -35,7 +35,6 @@ PACKAGE_VERSION = 1
 # `Wan-AI/Wan2.2-TI2V-5B-Diffusers`' transformer and VAE config.json, copied from diffusers'
 # scripts/convert_wan_to_diffusers.py and checked against the official Wan-Video/Wan2.2 wan/modules/vae2_2.py
 # (latents_mean / latents_std) and wan/configs/wan_ti2v_5B.py; configs/README.md says which value came from where.
-SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 MLXGEN_SANITIZERS = {"transformer": sanitize_mlxgen_transformer, "vae": sanitize_mlxgen_vae}
 
 # diffusers' `WanTransformer3DModel._keep_in_fp32_modules` (matched as substrings of parameter names): these stay
@@ -196,9 +195,9 @@ class Snapshot:
     def new_model(self, component: str):
         """The model of `component` (transformer, vae or text_encoder) with its config, lazily initialised: nothing is
         computed or allocated until its weights are loaded."""
-        from .text_encoder import UMT5Encoder
-        from .transformer import WanTransformer
-        from .vae import WanVAE
+        from ..models.text_encoder import UMT5Encoder
+        from ..models.transformer import WanTransformer
+        from ..models.vae import WanVAE
 
         if component == "transformer":
             return WanTransformer(self.transformer_config)

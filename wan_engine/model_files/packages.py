@@ -19,8 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import __version__
-from .errors import WanError
+from ..version import __version__
+from ..errors import WanError
 from .loading import PACKAGE_FORMAT, PACKAGE_RECORD, PACKAGE_VERSION, Snapshot
 from .quantize import BITS, POLICIES, is_quantized, quantization, quantize_layers
 from .weights import to_diffusers_layout

@@ -24,7 +24,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .cache_files import DamagedEntry, read_entry, source_identity, write_entry
-from .errors import WanError
+from ..errors import WanError
 
 FORMAT = {"format": "wan-studio-tokenizer", "version": 1}
 

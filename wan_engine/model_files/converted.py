@@ -35,7 +35,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache_files import DamagedEntry, partial_name, read_entry, source_identity, stale_partials, write_entry
-from .errors import WanError
+from ..errors import WanError
 from .loading import (
     Snapshot, leave_embedding_in_file, read_stored, read_weights, safetensors_files, stored_tensors,
 )

@@ -12,7 +12,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .config import SchedulerConfig
+from ..models.config import SchedulerConfig
 
 
 def flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000, final_sigma: str = "zero"):

@@ -16,7 +16,7 @@ import mlx.nn as nn
 import regex  # diffusers cleans prompts with `regex`, whose `\s` differs from `re`'s (e.g. U+001C-U+001F)
 
 from .config import TextEncoderConfig
-from .tokenizer import PromptTokenizer
+from ..model_files.tokenizer import PromptTokenizer
 
 try:  # diffusers fixes mojibake with ftfy only when it is installed; so do we
     import ftfy

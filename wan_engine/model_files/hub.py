@@ -6,7 +6,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import WanError
+from ..errors import WanError
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 # What the engine reads from a Diffusers snapshot; READMEs, example media and other formats are skipped.

@@ -43,11 +43,11 @@ from functools import cached_property
 import mlx.core as mx
 import numpy as np
 
-from .engine import Engine
-from .errors import Cancelled, WanError
-from .pipeline import decode_frames, generate_latents, step_noise_key
-from .scheduler import make_scheduler
-from .vae import strip_layout
+from ..engine import Engine
+from ..errors import Cancelled, WanError
+from ..pipeline import decode_frames, generate_latents, step_noise_key
+from ..sampling.samplers import make_scheduler
+from ..models.vae import strip_layout
 
 TIMEOUT_VARIABLE = "WAN_PARALLEL_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0

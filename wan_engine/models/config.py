@@ -9,6 +9,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The TI2V-5B configs that apply when a model folder holds none (configs/README.md says where each value came from)
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
 
 class _FromDict:
     @classmethod

@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .cache_files import partial_name, stale_partials
-from .config import TextEncoderConfig, TransformerConfig, VAEConfig
+from ..models.config import TextEncoderConfig, TransformerConfig, VAEConfig
 from .weights import to_diffusers_layout
 
 log = logging.getLogger("wan_engine")
@@ -132,9 +132,9 @@ def write_demo_snapshot(root: Path, seed: int = 0) -> None:
     """Write the demo snapshot into the (empty) folder `root`."""
     import mlx.core as mx
 
-    from .text_encoder import UMT5Encoder
-    from .transformer import WanTransformer
-    from .vae import WanVAE
+    from ..models.text_encoder import UMT5Encoder
+    from ..models.transformer import WanTransformer
+    from ..models.vae import WanVAE
 
     rng = np.random.default_rng(seed)
     tokenizer = build_tokenizer(800, root / "tokenizer")

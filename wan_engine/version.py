@@ -1,0 +1,3 @@
+"""The engine's version, which packages and sidecars record."""
+
+__version__ = "0.1.0"
