@@ -57,13 +57,13 @@ def exposure_warning(args: argparse.Namespace) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from wan_engine import WanError, join_group
+    from wan_engine import Follower, WanError, join_group
 
     model = "demo" if args.demo else args.model
     try:
         group = join_group(serving=True)  # under mlx.launch: this process's place in the group; None alone
         if group is not None and not group.is_owner:  # the others work on rank 0's requests, and serve no page
-            group.serve(model, args.preset, None)
+            Follower(group).serve(model, args.preset, None)
             return 0
     except WanError as error:
         print(f"error: {error}", file=sys.stderr)

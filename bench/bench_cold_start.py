@@ -68,7 +68,7 @@ class ResidentSetWatch(threading.Thread):
         self.high = 0.0
 
     def note(self, label: str) -> None:
-        from wan_engine.memory import process_peak_rss_gib
+        from wan_engine.record import process_peak_rss_gib
 
         high = process_peak_rss_gib()
         if high >= self.high + self.STEP / 2**30:
@@ -107,7 +107,7 @@ def child(args) -> None:
     from PIL import Image
 
     from wan_engine import Engine, GenerationRequest, Result, warm_up
-    from wan_engine.memory import process_peak_rss_gib
+    from wan_engine.record import process_peak_rss_gib
     from wan_engine.model_files.prompt_cache import PromptEmbeddingCache
 
     report = {"import_s": round(time.perf_counter() - start, 3)}

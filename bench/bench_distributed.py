@@ -1,4 +1,4 @@
-"""Benchmark: one GPU against two on one video (wan_engine.parallel.group), at the real TI2V-5B sizes, random weights.
+"""Benchmark: one GPU against two on one video (wan_engine.parallel), at the real TI2V-5B sizes, random weights.
 
     mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 -- python3 bench/bench_distributed.py
     mlx.launch -n 2 --backend ring -- python3 bench/bench_distributed.py --tiny --out /tmp/d.json   # CPU, tiny
@@ -31,7 +31,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_gpu import FULL, TINY, build_snapshot, log  # noqa: E402
-from wan_engine import Engine, GenerationRequest, Result, join_group  # noqa: E402
+from wan_engine import Engine, Follower, GenerationRequest, Result, join_group  # noqa: E402
 from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402
 
 PROMPT, NEGATIVE = "A corgi surfing a wave at sunset, cinematic", "blurry, low quality, static"
@@ -145,10 +145,10 @@ def main():
 
     log(f"process {group.rank}: two GPUs")
     two_gpus = {}
-    shared = None
+    shared, follower = None, Follower(group)
     if group.is_owner:
         shared = Engine(root, dtype=dtype, output_dir=out_dir / "shared", prompt_cache=prompts, group=group)
-        group.wait_for_all()  # the others open theirs in their first `serve`
+        group.wait_for_all()  # the others open theirs in their first `Follower.serve`
     out = Path(args.out or Path(__file__).parent / "results" / f"{date.today().isoformat()}-distributed-{group.size}.json")
     for case in all_cases:
         mx.reset_peak_memory()
@@ -156,7 +156,7 @@ def main():
             result = measure(shared, case)
             group.release_followers()
         else:
-            group.serve(str(root), "normal", dtype)
+            follower.serve(str(root), "normal", dtype)
         peaks = gather_json(group, peak_gib(result if group.is_owner else None))
         if group.is_owner:
             two_gpus[case["name"]] = {**result, "peak_gib_per_process": peaks}

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from bench_gpu import guarded, log, setup  # noqa: E402
-from wan_engine.engine import Engine, GenerationRequest  # noqa: E402
+from wan_engine import Engine, GenerationRequest  # noqa: E402
 from wan_engine.model_files.lora import transformer_shapes  # noqa: E402
 from wan_engine.model_files.loading import Snapshot  # noqa: E402
 from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402

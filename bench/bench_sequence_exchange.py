@@ -7,7 +7,7 @@
 In every block each process holds its share of the video's tokens (T/n of T tokens, width 3072 = 24 heads x 128, in
 bf16) and needs exact attention over all of them. The attention's arithmetic is the same whichever way (each process
 does 1/n of it), so only the exchange differs; this times one transformer pass of it (30 blocks):
-  kv-gather        wan_engine/parallel.py's way: an all_gather of keys and values; each process then attends its
+  kv-gather        wan_engine/parallel/share.py's way: an all_gather of keys and values; each process then attends its
                    own queries over all keys.
   ulysses-gather   a head exchange from the collectives every backend has: queries, keys and values gathered whole,
                    each process keeps its heads, attends them over all tokens, and the outputs are gathered back.

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from wan_engine.model_files import converted
-from wan_engine.model_files.demo import cache_root
+from wan_engine.model_files.cache_files import cache_root
 from wan_engine.model_files.loading import Snapshot
 
 model, moment = sys.argv[1], sys.argv[2]

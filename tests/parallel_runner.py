@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wan_engine import CancelToken, Cancelled, Engine, GenerationRequest, Result, WanError, join_group
+from wan_engine import CancelToken, Cancelled, Engine, Follower, GenerationRequest, Result, WanError, join_group
 
 
 def run_job(engine: Engine, job: dict, out_dir: Path) -> dict:
@@ -42,7 +42,7 @@ def main(jobs_path: str, out_dir: str) -> None:
     jobs, out_dir = json.loads(Path(jobs_path).read_text()), Path(out_dir)
     group = join_group()
     if not group.is_owner:
-        group.serve(jobs[0]["model"], jobs[0]["preset"], "float32")
+        Follower(group).serve(jobs[0]["model"], jobs[0]["preset"], "float32")
         return
     engines = {}
     for job in jobs:

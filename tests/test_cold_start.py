@@ -1,4 +1,4 @@
-"""The first video as fast as the tenth: converted weights kept on disk (wan_engine/converted.py) and used by later
+"""The first video as fast as the tenth: converted weights kept on disk (wan_engine/model_files/converted.py) and used by later
 loads without converting again, rebuilt when the source or the preset changes, never used half-written (a process
 killed while writing) or damaged, skipped with a message when the disk is short; LoRAs fused into a cached quantized
 transformer; `download --preset`; the sidecar's whole-process memory; and the app's warm-up at launch, against a
@@ -268,7 +268,7 @@ def test_the_process_peak_is_the_process_own_not_its_parents():
     """Linux carries a parent's max RSS through fork and exec into the child's getrusage: a small process started
     by a large one must still report its own peak."""
     held = np.ones(2**30, np.uint8)  # 1 GiB resident here, in the parent
-    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from wan_engine.memory import process_peak_rss_gib;"
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from wan_engine.record import process_peak_rss_gib;"
             "print(process_peak_rss_gib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, check=True)
     own, inherited = done.stdout.split()

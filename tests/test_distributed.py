@@ -1,4 +1,4 @@
-"""Several processes on one video (wan_engine.parallel.group), on this machine's CPU: real processes that mlx.launch starts
+"""Several processes on one video (wan_engine.parallel), on this machine's CPU: real processes that mlx.launch starts
 with the ring backend on localhost, each on ports of its own (tests may run side by side).
 
 Frames from 2 and 4 processes equal one process's (float32, tiny snapshots) for text to video with and without

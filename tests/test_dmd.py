@@ -16,10 +16,11 @@ from dmd_reference import FlowMatchTable, fastvideo_dmd_frames, pred_noise_to_pr
 from test_pipeline import BAR, noise_for, run_engine
 from tiny_snapshots import sample_image
 from wan_engine.models.config import SchedulerConfig
-from wan_engine.engine import CancelToken, Engine, GenerationRequest, validate
+from wan_engine.engine import Engine
+from wan_engine.request import CancelToken, GenerationRequest, SizeRules, validate
 from wan_engine.errors import Cancelled, WanError
 from wan_engine.pipeline import step_noise_key
-from wan_engine.sampling.samplers import FlowDMDScheduler, make_scheduler
+from wan_engine.sampling.samplers import DMDSampler, make_sampler
 
 PROMPT = "a red fox runs through fresh snow"
 # Beside the issue's BAR: we measure ~1e-6; looking sigmas up in a shift-5 table instead of FastVideo's shift-8 one
@@ -39,7 +40,7 @@ def step_noises(steps: int, shape: tuple, seed: int = 1) -> list:
 
 
 def inject(monkeypatch, noises: list) -> None:
-    """Make FlowDMDScheduler re-noise with `noises` (diffusers' layout), in order, instead of its key's draws."""
+    """Make DMDSampler re-noise with `noises` (diffusers' layout), in order, instead of its key's draws."""
     draws = iter(noises)
 
     def given_noise(self, shape):
@@ -47,7 +48,7 @@ def inject(monkeypatch, noises: list) -> None:
         assert noise.shape == tuple(shape)
         return noise
 
-    monkeypatch.setattr(FlowDMDScheduler, "fresh_noise", given_noise)
+    monkeypatch.setattr(DMDSampler, "fresh_noise", given_noise)
 
 
 @pytest.mark.parametrize("steps,expected", [
@@ -56,7 +57,7 @@ def inject(monkeypatch, noises: list) -> None:
 ])
 @pytest.mark.parametrize("shift", [8.0, 5.0])
 def test_timesteps_and_sigmas_are_fastvideos(steps, expected, shift):
-    ours = make_scheduler("dmd", steps, shift, SchedulerConfig(), mx.random.key(0))
+    ours = make_sampler("dmd", steps, shift, SchedulerConfig(), mx.random.key(0))
     assert ours.timesteps.tolist() == expected
     table = FlowMatchTable(shift=shift)
     ids = torch.argmin((table.timesteps.double()[None] - torch.tensor(expected)[:, None]).abs(), dim=1)
@@ -70,7 +71,7 @@ def test_steps_match_fastvideo_on_a_toy_field(steps, shift, monkeypatch):
     x = np.random.default_rng(steps).standard_normal((1, 6, 3, 4, 5)).astype(np.float32)  # diffusers' layout
     noises = step_noises(steps, x.shape)
     inject(monkeypatch, noises)
-    ours = make_scheduler("dmd", steps, shift, SchedulerConfig(), mx.random.key(0))
+    ours = make_sampler("dmd", steps, shift, SchedulerConfig(), mx.random.key(0))
     table = FlowMatchTable(shift=shift)
     sample, expected = mx.array(x).transpose(0, 2, 3, 4, 1), torch.from_numpy(x)
     timesteps = torch.tensor(ours.timesteps)
@@ -100,7 +101,7 @@ def test_engine_matches_fastvideo(case, snapshots, tmp_path, monkeypatch):
     noise = noise_for(name, width, height, frames)
     noises = step_noises(steps, noise.shape)
     image = sample_image() if with_image else None
-    timesteps = make_scheduler("dmd", steps, 8.0, SchedulerConfig(), mx.random.key(0)).timesteps.tolist()
+    timesteps = make_sampler("dmd", steps, 8.0, SchedulerConfig(), mx.random.key(0)).timesteps.tolist()
     expected = fastvideo_dmd_frames(snapshots[name], PROMPT, width, height, frames, timesteps, noise, noises, image)
     inject(monkeypatch, noises)
     events, result = run_engine(snapshots[name], tmp_path, prompt=PROMPT, image=image, width=width, height=height,
@@ -141,7 +142,7 @@ def test_cancel_between_steps(snapshots, tmp_path):
 
 def test_guidance_is_refused_with_dmd(snapshots, no_torch_env, tmp_path):
     with pytest.raises(WanError, match="guidance 5.0 is not allowed with the dmd sampler"):
-        validate(GenerationRequest(prompt="x", sampler="dmd", guidance=5.0), 32, 4)
+        validate(GenerationRequest(prompt="x", sampler="dmd", guidance=5.0), SizeRules())
     proc = run_cli(["generate", "--model", snapshots["small"], "--prompt", "x", "--width", 64, "--height", 64,
                     "--frames", 5, "--sampler", "dmd", "--guidance", 5, "--output", tmp_path / "never.mp4"],
                    no_torch_env)
@@ -187,7 +188,7 @@ def test_cli_dmd_matches_fastvideo_and_fastwan_defaults(fastwan_snapshot, snapsh
         assert (settings["sampler"], settings["steps"], settings["guidance"], settings["shift"]) == ("dmd", 3, 1.0, 8.0)
         videos[label] = np.load(tmp_path / f"{label}.npy")
     assert np.array_equal(videos["base"], videos["fastwan"])
-    sampler = FlowDMDScheduler(3, 8.0, SchedulerConfig(), step_noise_key(seed))
+    sampler = DMDSampler(3, 8.0, SchedulerConfig(), step_noise_key(seed))
     channels_last = noise.transpose(0, 2, 3, 4, 1).shape
     seed_noises = [np.array(sampler.fresh_noise(channels_last).transpose(0, 4, 1, 2, 3)) for _ in range(2)]
     expected = fastvideo_dmd_frames(snapshots["small"], PROMPT, width, height, frames, [1000, 757, 522], noise,

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_cli
 from wan_engine.models import vae_tiling
-from wan_engine.engine import Engine, GenerationRequest, Result
+from wan_engine import Engine, GenerationRequest, Result
 from wan_engine.errors import WanError
 from wan_engine.model_files.loading import Snapshot
 from wan_engine.pipeline import LatentNormalizer, decode_frames, frames_to_uint8
@@ -154,7 +154,7 @@ def test_demo_model_runs_offline_without_torch_with_each_preset(preset, no_torch
 
 
 def test_a_stop_before_denoising_ends_the_run_between_stages(snapshots, tmp_path):
-    from wan_engine.engine import CancelToken
+    from wan_engine import CancelToken
     from wan_engine.errors import Cancelled
 
     engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path)

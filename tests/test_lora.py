@@ -1,4 +1,4 @@
-"""LoRA adapters (wan_engine/lora.py) against diffusers' own Wan LoRA loading (peft) on tiny random snapshots.
+"""LoRA adapters (wan_engine/model_files/lora.py) against diffusers' own Wan LoRA loading (peft) on tiny random snapshots.
 
 The files are written here in each layout diffusers' `WanLoraLoaderMixin` reads, with the key names the tools
 write (ComfyUI / original Wan `diffusion_model.*` with lora_down/lora_up or lora_A/lora_B, alpha, diff, diff_b;
@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 from conftest import run_cli
 from test_pipeline import noise_for
 from tiny_snapshots import TinySpec, build_snapshot, reference_frames, sample_image
-from wan_engine.engine import Engine, GenerationRequest
+from wan_engine import Engine, GenerationRequest
 from wan_engine.errors import WanError
 from wan_engine.model_files.loading import Snapshot
 from wan_engine.model_files.lora import transformer_shapes

@@ -1,4 +1,4 @@
-"""The text encoder's token table left in its file (wan_engine/mapped_embedding.py): the engine's text encoder
+"""The text encoder's token table left in its file (wan_engine/model_files/mapped_embedding.py): the engine's text encoder
 gives the same embeddings as one holding the whole table, in full precision and 8 bits, and holds less memory."""
 
 import mlx.core as mx

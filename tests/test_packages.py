@@ -22,7 +22,7 @@ from mlxgen_layout import write_mlxgen_package
 from tiny_snapshots import TinySpec, build_snapshot, reference_frames
 from wan_engine.model_files import packages
 from wan_engine.models.config import TransformerConfig, VAEConfig
-from wan_engine.engine import Engine, GenerationRequest
+from wan_engine import Engine, GenerationRequest
 from wan_engine.errors import WanError
 from wan_engine.model_files.loading import SHIPPED_CONFIGS, Snapshot, read_weights
 from wan_engine.model_files.quantize import is_quantized, quantize_text_encoder, quantize_transformer

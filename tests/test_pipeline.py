@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SPECS, run_cli
 from tiny_snapshots import reference_frames, sample_image
-from wan_engine.engine import CancelToken, Engine, GenerationRequest, Result
+from wan_engine import CancelToken, Engine, GenerationRequest, Result
 from wan_engine.errors import Cancelled, WanError
 from wan_engine.video import read_metadata, read_video
 

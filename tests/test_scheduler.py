@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from wan_engine.models.config import SchedulerConfig
-from wan_engine.sampling.samplers import FlowEulerScheduler, FlowUniPCScheduler, make_scheduler
+from wan_engine.sampling.samplers import EulerSampler, UniPCSampler, make_sampler
 
 WAN22_SCHEDULER = dict(
     prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0,
@@ -52,7 +52,7 @@ def test_unipc_matches_diffusers(steps, overrides):
         pytest.skip("degenerate schedule: the final sigma equals the only sigma (h = 0)")
     x = np.random.default_rng(steps).standard_normal((1, 6, 3, 4, 5)).astype(np.float32)
     timesteps, expected = run_diffusers(UniPCMultistepScheduler(**params), x, steps)
-    ours = FlowUniPCScheduler(steps, params["flow_shift"], SchedulerConfig.from_dict(params))
+    ours = UniPCSampler(steps, params["flow_shift"], SchedulerConfig.from_dict(params))
     np.testing.assert_array_equal(ours.timesteps, timesteps)
     result = run_ours(ours, x)
     assert np.isfinite(result).all()
@@ -60,7 +60,7 @@ def test_unipc_matches_diffusers(steps, overrides):
 
 
 def test_unipc_final_sigma_is_zero_and_sigmas_shifted():
-    ours = FlowUniPCScheduler(4, 5.0, SchedulerConfig.from_dict(WAN22_SCHEDULER))
+    ours = UniPCSampler(4, 5.0, SchedulerConfig.from_dict(WAN22_SCHEDULER))
     reference = UniPCMultistepScheduler(**WAN22_SCHEDULER)
     reference.set_timesteps(4)
     np.testing.assert_array_equal(ours.sigmas, reference.sigmas.numpy())
@@ -70,7 +70,7 @@ def test_unipc_final_sigma_is_zero_and_sigmas_shifted():
 @pytest.mark.parametrize("steps,shift", [(1, 5.0), (7, 5.0), (20, 2.5)])
 def test_euler_matches_diffusers_flow_match_euler(steps, shift):
     x = np.random.default_rng(1).standard_normal((1, 4, 2, 3, 3)).astype(np.float32)
-    ours = FlowEulerScheduler(steps, shift, SchedulerConfig())
+    ours = EulerSampler(steps, shift, SchedulerConfig())
     reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     # diffusers' flow Euler with the same (already shifted) sigmas as Wan's UniPC schedule
     reference.set_timesteps(sigmas=list(ours.sigmas[:-1] / (shift - (shift - 1) * ours.sigmas[:-1])))
@@ -88,4 +88,4 @@ def test_euler_matches_diffusers_flow_match_euler(steps, shift):
 ])
 def test_bad_sampler_settings_are_refused(name, steps, shift, message):
     with pytest.raises(ValueError, match=message):
-        make_scheduler(name, steps, shift, SchedulerConfig())
+        make_sampler(name, steps, shift, SchedulerConfig())

@@ -1,4 +1,4 @@
-"""The text encoder's blocks read one at a time from its converted copy (wan_engine/streamed_blocks.py): the same
+"""The text encoder's blocks read one at a time from its converted copy (wan_engine/model_files/streamed_blocks.py): the same
 embeddings as the whole encoder, in 8 bits and in full precision, while the device holds about one block of them."""
 
 import mlx.core as mx

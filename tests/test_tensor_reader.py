@@ -1,4 +1,4 @@
-"""Reading stored tensors from several threads (wan_engine/tensor_reader.py): the same arrays as `mx.load`, from
+"""Reading stored tensors from several threads (wan_engine/model_files/tensor_reader.py): the same arrays as `mx.load`, from
 several files, on the default device; errors said in the caller's thread; the readers keep serving afterwards."""
 
 import threading

@@ -1,4 +1,4 @@
-"""The kept prompt tokenizer (wan_engine/tokenizer.py): the same ids and masks as the transformers tokenizer the
+"""The kept prompt tokenizer (wan_engine/model_files/tokenizer.py): the same ids and masks as the transformers tokenizer the
 reference calls, read back in a process that imports neither transformers nor PyTorch, rebuilt when its folder
 changes or its entry is damaged."""
 

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from wan_engine import SAMPLERS
+
 from .sizes import DEMO_SIZES, MODEL_SIZES
 
 MAX_SEED = 2**53 - 1  # the largest integer a browser's numbers hold exactly (seeds travel as JSON numbers)
@@ -13,7 +15,8 @@ class StudioConfig:
     model: str  # as the engine's resolve_model accepts: "demo", a folder or a Hugging Face repo id
     preset: str  # the memory preset new sessions start with
     output_dir: Path
-    recommended: dict  # wan_engine.recommended_settings(model): the model's sampler and each sampler's settings
+    recommended: dict  # wan_engine.recommended_settings(model): the model's sampler, each sampler's settings, its
+    # sizes (wan_engine.SizeRules)
     warmup: bool = True  # load the model and run a small warm-up generation at launch (handlers.Studio.warm_up)
     group: object = None  # wan_engine.ParallelGroup when mlx.launch started the app (this is rank 0), else None
     queue_size: int = 20  # how many requests may wait for their turn (--queue-size)
@@ -27,6 +30,11 @@ class StudioConfig:
         return DEMO_SIZES if self.demo else MODEL_SIZES
 
     @property
+    def size_rules(self):
+        """The sizes the model makes (wan_engine.SizeRules)."""
+        return self.recommended["sizes"]
+
+    @property
     def sampler(self) -> str:
         """The sampler the page starts with: the model's own (dmd for a FastWan checkpoint)."""
         return self.recommended["sampler"]
@@ -35,7 +43,7 @@ class StudioConfig:
         """Steps, guidance and shift that go with `sampler` on this model; the demo model's full-length samplers
         take 10 steps, so a run takes seconds."""
         settings = {key: self.recommended["by_sampler"][sampler][key] for key in ("steps", "guidance", "shift")}
-        if self.demo and sampler != "dmd":
+        if self.demo and not SAMPLERS[sampler].few_step:
             settings["steps"] = 10
         return settings
 

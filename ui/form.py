@@ -80,20 +80,7 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
         generate = gr.Button("Generate", variant="primary", scale=3)
         stop = gr.Button("Stop", variant="stop", scale=1)
 
-    first_size = size_label(defaults["width"], defaults["height"])
-    resolution = gr.Dropdown(
-        resolution_choices(config.sizes), value=first_size, label="Resolution",
-        info=("Area of the video; its shape follows the picture's. " if for_image else "Width x height. ")
-        + "Smaller is faster; Custom takes any multiples of 32.",
-    )
-    with gr.Row(visible=False) as custom_size:
-        # Image to video starts at 0 x 0: "take the size from the picture" (API callers may leave them so).
-        width = gr.Number(0 if for_image else defaults["width"], label="Width", precision=0, step=32,
-                          info="A multiple of 32" + ("; 0: from the picture" if for_image else ""))
-        height = gr.Number(0 if for_image else defaults["height"], label="Height", precision=0, step=32,
-                           info="A multiple of 32" + ("; 0: from the picture" if for_image else ""))
-    frames = BoundedSlider(1, MAX_FRAMES, value=defaults["frames"], step=4, precision=0, label="Frames",
-                           info="4n+1: 1, 5, 9, ... More frames make a longer video and take longer.")
+    resolution, custom_size, width, height, frames = build_size_fields(config, for_image)
     duration = gr.Markdown(duration_text(defaults["frames"], defaults["fps"]))
     with gr.Accordion("Negative prompt", open=False):
         negative_prompt = gr.Textbox(value=DEFAULT_NEGATIVE_PROMPT, label="Things to avoid", lines=3, info=NEGATIVE_PROMPT_HELP)
@@ -116,7 +103,10 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
     pick_seed.click(random_seed, None, seed, queue=False, api_visibility="private")
     gr.on([frames.change, fps.change], duration_text, [frames, fps], duration, queue=False, api_visibility="private")
     if for_image:
-        gr.on([image.change, resolution.change], image_size_fields, [image, resolution, width, height],
+        def size_fields(image, resolution, width, height):
+            return image_size_fields(image, resolution, width, height, config.size_rules)
+
+        gr.on([image.change, resolution.change], size_fields, [image, resolution, width, height],
               [width, height, custom_size, size_note], queue=False, api_visibility="private")
         gr.on([width.input, height.input], size_note_text, [image, width, height], size_note, queue=False,
               api_visibility="private")
@@ -127,6 +117,27 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
                 loras, generate, stop, image)
 
 
+def build_size_fields(config: StudioConfig, for_image: bool) -> tuple:
+    """The resolution choice, the custom width and height (in their row) and the frames: sizes the model makes."""
+    defaults, rules = config.defaults, config.size_rules
+    multiple, frame_step = rules.multiple, rules.frame_step
+    resolution = gr.Dropdown(
+        resolution_choices(config.sizes), value=size_label(defaults["width"], defaults["height"]), label="Resolution",
+        info=("Area of the video; its shape follows the picture's. " if for_image else "Width x height. ")
+        + f"Smaller is faster; Custom takes any multiples of {multiple}.",
+    )
+    with gr.Row(visible=False) as custom_size:
+        # Image to video starts at 0 x 0: "take the size from the picture" (API callers may leave them so).
+        width = gr.Number(0 if for_image else defaults["width"], label="Width", precision=0, step=multiple,
+                          info=f"A multiple of {multiple}" + ("; 0: from the picture" if for_image else ""))
+        height = gr.Number(0 if for_image else defaults["height"], label="Height", precision=0, step=multiple,
+                           info=f"A multiple of {multiple}" + ("; 0: from the picture" if for_image else ""))
+    frames = BoundedSlider(1, MAX_FRAMES, value=defaults["frames"], step=frame_step, precision=0, label="Frames",
+                           info=f"{frame_step}n+1: 1, {1 + frame_step}, {1 + 2 * frame_step}, ... More frames make a "
+                                "longer video and take longer.")
+    return resolution, custom_size, width, height, frames
+
+
 def text_size_fields(resolution: str):
     """Width, height and the custom row's visibility for a resolution choice."""
     size = parse_size(resolution)
@@ -135,7 +146,7 @@ def text_size_fields(resolution: str):
     return size[0], size[1], gr.Row(visible=False)
 
 
-def image_size_fields(image, resolution: str, width, height):
+def image_size_fields(image, resolution: str, width, height, rules):
     """Image to video: the size the run will take, shown before generating. A resolution choice is an area and
     the picture gives the aspect; Custom keeps the width and height typed in."""
     area_size = parse_size(resolution)
@@ -144,7 +155,7 @@ def image_size_fields(image, resolution: str, width, height):
     picture = readable_picture(image)
     if picture is None:
         return 0, 0, gr.Row(visible=False), size_note_text(image, 0, 0)
-    width, height = size_for_aspect(picture.width / picture.height, area_size[0] * area_size[1])
+    width, height = size_for_aspect(picture.width / picture.height, area_size[0] * area_size[1], rules)
     return width, height, gr.Row(visible=False), size_note_text(image, width, height)
 
 

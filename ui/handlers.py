@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from wan_engine import Cancelled, GenerationRequest, ProgressEvent, Result, WanError, validate, warm_up
+from wan_engine import Cancelled, GenerationRequest, ProgressEvent, Result, Stage, WanError, validate, warm_up
 
 from . import history
 from .config import MAX_SEED, StudioConfig
@@ -29,7 +29,7 @@ from .progress import (
     warming_text,
 )
 from .runs import EngineThread, Run
-from .sizes import FRAME_STEP, SIZE_MULTIPLE, crop_to_aspect, size_for_aspect
+from .sizes import crop_to_aspect, size_for_aspect
 
 log = logging.getLogger("wan_studio")
 STOP_WAIT_S = 30  # Stop reports once the run has ended (within a step), or that it is ending after this long
@@ -43,7 +43,7 @@ class Studio:
         self.config = config
         self.engines = EngineCache(config.output_dir, config.group)
         if config.group is not None:  # a process of the group stopped answering: this process keeps serving
-            config.group.on_timeout = self.group_broke
+            config.group.on_timeout(self.group_broke)
         self.engine_thread = EngineThread(between_runs=self.prepare_next)
         self.first_frames_dir = config.output_dir / "inputs"
         self.previews_dir = Path(tempfile.mkdtemp(prefix="wan-studio-previews-"))
@@ -114,7 +114,7 @@ class Studio:
             fps=whole("fps", fps), preview=options["preview"], loras=engine_loras(loras, self.config.output_dir),
         )
         try:  # the engine's own checks, before a model is loaded; it checks again with the model's constraints
-            validate(generation, SIZE_MULTIPLE, FRAME_STEP)
+            validate(generation, self.config.size_rules)
         except WanError as error:
             raise gr.Error(str(error)) from None
         return generation
@@ -125,7 +125,7 @@ class Studio:
         if width or height:
             raise gr.Error("give both width and height, or leave both at 0 to take the size from the image")
         default_width, default_height = self.config.sizes[0]
-        return size_for_aspect(picture.width / picture.height, default_width * default_height)
+        return size_for_aspect(picture.width / picture.height, default_width * default_height, self.config.size_rules)
 
     def save_first_frame(self, picture: Image.Image):
         """Keep the (cropped) first frame beside the videos, so the history can put it back. Named by its content,
@@ -164,7 +164,7 @@ class Studio:
         start = time.perf_counter()
         try:
             engine = self.engines.get(self.config.model, self.config.preset,
-                                      report=lambda line: setattr(run, "last_event", ProgressEvent("load", line)))
+                                      report=lambda line: setattr(run, "last_event", ProgressEvent(Stage.LOAD, line)))
             for event in warm_up(engine):
                 run.last_event = event
                 yield event
@@ -235,8 +235,8 @@ class Studio:
 
     # -- the page's helpers (not part of the API) -----------------------------------------------------------------
     def history(self):
-        records = history.load_history(self.config.output_dir)
-        return history.gallery_items(records), records
+        runs = history.load_history(self.config.output_dir)
+        return history.gallery_items(runs), runs
 
 
 def progress_update(text: str, preview=None) -> tuple:

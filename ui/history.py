@@ -2,6 +2,7 @@
 output folder is the history; the only other thing kept there is a small still of each video for the gallery."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -9,7 +10,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
-from wan_engine import partial_name, remove_stale_partials
+from wan_engine import RunRecord, partial_name, remove_stale_partials
 
 from .loras import lora_items
 from .sizes import CUSTOM, matching_choice
@@ -19,31 +20,42 @@ CAPTION_CHARS = 60
 THUMBNAIL_PIXELS = 320  # the longer side of a gallery still
 
 
-def load_history(output_dir: Path) -> list[dict]:
-    """The newest sidecars whose video still exists, newest first, each with `video_path` added."""
-    records = []
+@dataclass
+class PastRun:
+    """A video of the history and its record (its sidecar, read back)."""
+    record: RunRecord
+    video_path: str
+
+    def shown(self) -> dict:
+        """What the page shows of it: the sidecar, and where the video is."""
+        return {**self.record.to_dict(), "video_path": self.video_path}
+
+
+def load_history(output_dir: Path) -> list[PastRun]:
+    """The newest runs whose video still exists, newest first."""
+    runs = []
     for sidecar in output_dir.glob("wan-*.json"):
         try:
-            record = json.loads(sidecar.read_text())
-            video = output_dir / record["video"]
-        except (OSError, ValueError, KeyError, TypeError):  # a foreign or damaged file is not a run
+            record = RunRecord.from_dict(json.loads(sidecar.read_text()))
+            video = output_dir / record.video
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a foreign or damaged file is not a run
             continue
         if video.is_file():
-            records.append({**record, "video_path": str(video)})
-    records.sort(key=lambda record: (record.get("created", ""), record["video_path"]), reverse=True)
-    return records[:HISTORY_LIMIT]
+            runs.append(PastRun(record, str(video)))
+    runs.sort(key=lambda run: (run.record.created, run.video_path), reverse=True)
+    return runs[:HISTORY_LIMIT]
 
 
-def caption(record: dict) -> str:
-    prompt = record["settings"].get("prompt", "")
+def caption(run: PastRun) -> str:
+    prompt = run.record.settings.prompt
     if len(prompt) > CAPTION_CHARS:
         prompt = prompt[:CAPTION_CHARS - 1] + "…"
-    source = " · from a picture" if record["settings"].get("image") else ""
-    return f"{prompt}{source} · seed {record['seed']}"
+    source = " · from a picture" if run.record.settings.image else ""
+    return f"{prompt}{source} · seed {run.record.seed}"
 
 
-def gallery_items(records: list[dict]) -> list[tuple[str, str]]:
-    return [(still_or_video(Path(record["video_path"])), caption(record)) for record in records]
+def gallery_items(runs: list[PastRun]) -> list[tuple[str, str]]:
+    return [(still_or_video(Path(run.video_path)), caption(run)) for run in runs]
 
 
 # Stills are made by ffmpeg in a child process, and on Linux a fork while the engine's CPU BLAS (OpenBLAS) is in
@@ -97,26 +109,25 @@ def remove_partials(output_dir: Path) -> None:
 
 def make_missing_stills(output_dir: Path) -> None:
     """Stills for the runs the gallery shows that have none (made by the command line, or before stills existed)."""
-    for record in load_history(output_dir):
-        make_still(Path(record["video_path"]))
+    for run in load_history(output_dir):
+        make_still(Path(run.video_path))
 
 
-def input_picture(record: dict) -> str | None:
+def input_picture(record: RunRecord) -> str | None:
     """The image an image-to-video run started from, when it is still on disk."""
-    image = record["settings"].get("image")
+    image = record.settings.image
     return image if image and Path(image).is_file() else None
 
 
-def form_values(record: dict, sizes: list[tuple[int, int]], for_image: bool, output_dir: Path) -> list:
+def form_values(record: RunRecord, sizes: list[tuple[int, int]], for_image: bool, output_dir: Path) -> list:
     """A past run's settings in the order of Form.restorable: resolution, [image], prompt, negative prompt, width,
     height, frames, steps, guidance, shift, seed, fps, LoRAs. Image-to-video sizes come back as Custom, exactly as
     used."""
-    settings = record["settings"]
-    resolution = CUSTOM if for_image else matching_choice(settings["width"], settings["height"], sizes)
+    settings = record.settings
+    resolution = CUSTOM if for_image else matching_choice(settings.width, settings.height, sizes)
     values = [
-        settings["prompt"], settings["negative_prompt"], settings["width"], settings["height"], settings["frames"],
-        settings["steps"], settings["guidance"], settings["shift"], record["seed"], settings["fps"],
-        lora_items(settings.get("loras", []), output_dir),
+        settings.prompt, settings.negative_prompt, settings.width, settings.height, settings.frames, settings.steps,
+        settings.guidance, settings.shift, record.seed, settings.fps, lora_items(settings.loras, output_dir),
     ]
     if for_image:
         values.insert(0, input_picture(record) or gr.skip())

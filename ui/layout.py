@@ -19,11 +19,13 @@ from .handlers import Studio
 from .loras import lora_choices
 from .progress import READY_TEXT, warming_text
 
-SPEEDS = {"Quality": "unipc", "Fast, 3 steps": "dmd"}  # choice -> sampler
+FULL_SAMPLER = "unipc"  # Wan's own
+FEW_STEP_SAMPLER = next(name for name, sampler in SAMPLERS.items() if sampler.few_step)
+SPEEDS = {"Quality": FULL_SAMPLER, "Fast, 3 steps": FEW_STEP_SAMPLER}  # choice -> sampler
 SPEED_HELP = ("Fast: 3 distilled steps without guidance (DMD), for FastWan models or the base model with a "
               "distillation LoRA; on the base model alone it is quick but rough. Quality: Wan's 50 steps.")
-SAMPLER_HELP = ("unipc: Wan's default. euler: simpler, needs more steps. dmd: few-step distilled sampling "
-                "(FastVideo's). Picking one sets its steps, guidance and shift.")
+SAMPLER_HELP = (" ".join(f"{name}: {sampler.description}." for name, sampler in SAMPLERS.items())
+                + " Picking one sets its steps, guidance and shift.")
 TEXT_EXAMPLES = [
     "A corgi runs along a sunny beach as waves roll in, slow motion, golden hour",
     "Time-lapse of clouds drifting over snowy mountain peaks at sunrise",
@@ -133,7 +135,7 @@ def preset_help() -> str:
 
 
 def speed_of(sampler: str) -> str:
-    return "Fast, 3 steps" if sampler == "dmd" else "Quality"
+    return "Fast, 3 steps" if SAMPLERS[sampler].few_step else "Quality"
 
 
 def wire_speed(config: StudioConfig, speed, sampler, text_form: Form, image_form: Form) -> None:
@@ -209,24 +211,24 @@ def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, spee
                  image_form: Form) -> None:
     past.refresh.click(studio.history, None, [past.gallery, past.records], api_visibility="private")
 
-    def pick(records: list, selection: gr.SelectData):
-        record = records[selection.index]
-        return (record, gr.Video(record["video_path"], visible=True), gr.JSON(record, visible=True),
+    def pick(runs: list, selection: gr.SelectData):
+        run = runs[selection.index]
+        return (run.record, gr.Video(run.video_path, visible=True), gr.JSON(run.shown(), visible=True),
                 gr.Button(interactive=True))
 
     past.gallery.select(pick, past.records, [past.picked, past.video, past.settings, past.restore],
                         api_visibility="private")
 
-    def restore(record: dict):
-        """The picked run's settings into its tab's form (and that tab shown)."""
-        for_image = bool(record["settings"].get("image"))
+    def restore(record):
+        """The picked run's settings (its wan_engine.RunRecord) into its tab's form (and that tab shown)."""
+        for_image = bool(record.settings.image)
         if for_image and history.input_picture(record) is None:
             gr.Warning("That run's first frame is no longer on disk: upload the picture again.")
         filled = history.form_values(record, config.sizes, for_image, config.output_dir)
         other_form = text_form if for_image else image_form
         skipped = [gr.skip()] * len(other_form.restorable)
         forms = [*skipped, *filled] if for_image else [*filled, *skipped]
-        sampler_used = record["settings"]["sampler"]
+        sampler_used = record.settings.sampler
         return gr.Tabs(selected="image" if for_image else "text"), speed_of(sampler_used), sampler_used, *forms
 
     past.restore.click(restore, past.picked, [tabs, speed, sampler, *text_form.restorable, *image_form.restorable],

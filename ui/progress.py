@@ -3,15 +3,19 @@
 It is Markdown, so it reads the same on the page and in an API client's stream.
 """
 
+from wan_engine import Stage
+
 STAGES = {
-    "download": "Downloading the model",
-    "load": "Loading the model",
-    "text": "Reading the prompt",
-    "image": "Reading the first frame",
-    "denoise": "Denoising",
-    "decode": "Decoding the video",
-    "save": "Saving",
+    Stage.DOWNLOAD: "Downloading the model",
+    Stage.LOAD: "Loading the model",
+    Stage.TEXT: "Reading the prompt",
+    Stage.IMAGE: "Reading the first frame",
+    Stage.DENOISE: "Denoising",
+    Stage.DECODE: "Decoding the video",
+    Stage.SAVE: "Saving",
 }
+STAGE_LABELS = {Stage.LOAD: "loading", Stage.TEXT: "prompt", Stage.IMAGE: "first frame", Stage.DENOISE: "denoising",
+                Stage.DECODE: "decoding", Stage.SAVE: "saving"}  # the finished line's time of each stage
 BAR_WIDTH = 20
 READY_TEXT = "Ready. A run's progress shows here."
 
@@ -43,7 +47,7 @@ def ready_text(elapsed_s: float) -> str:
 
 def event_text(event) -> str:
     """A ProgressEvent as a line: '**Denoising** `██░░` step 2/4 · 0.31 s/step · ETA 1.0 s · 1.2 GiB in use'."""
-    parts = [f"**{STAGES.get(event.stage, event.stage)}**"]
+    parts = [f"**{STAGES[event.stage]}**"]
     if event.total:
         parts.append(bar(event.step, event.total))
     parts.append(event.message)
@@ -57,27 +61,22 @@ def event_text(event) -> str:
     return " ".join(parts) + "".join(f" · {detail}" for detail in details)
 
 
-STAGE_TIMINGS = (("load_s", "loading"), ("text_s", "prompt"), ("image_s", "first frame"), ("denoise_s", "denoising"),
-                 ("decode_s", "decoding"), ("save_s", "saving"))
-
-
 def finished_text(result) -> str:
     """'**Done** in 5.2 s · seed 7 · peak memory 21.47 GiB MLX, 5.80 GiB process · saved as `...`' and, below,
     the time of each stage. MLX's peak counts its arrays, the process's the physical memory all of it held (on a Mac
     both come out of the same unified memory)."""
-    timings = result.timings
+    record = result.record
     stages = []
-    for key, label in STAGE_TIMINGS:
-        if key in timings:
-            per_step = f" ({timings['denoise_s_per_step']:.2f} s/step)" if key == "denoise_s" else ""
-            stages.append(f"{label} {seconds(timings[key])}{per_step}")
+    for stage, spent in record.stage_seconds().items():
+        per_step = f" ({record.seconds_per_step:.2f} s/step)" if stage == Stage.DENOISE else ""
+        stages.append(f"{STAGE_LABELS[stage]} {seconds(spent)}{per_step}")
     shared = ""
     if result.parallel:
         layout = result.parallel
         shared = (f"{layout['ranks']} processes (guidance x{layout['guidance']}, sequence x{layout['sequence']}), "
                   "peak memory of rank 0 ")
     return (
-        f"**Done** in {seconds(timings['total_s'])} · seed {result.seed} · "
+        f"**Done** in {seconds(record.total_seconds)} · seed {result.seed} · "
         f"{shared or 'peak memory '}{result.peak_memory_gib:.2f} GiB MLX, {result.process_peak_rss_gib:.2f} GiB "
         f"process · saved as `{result.video_path.name}`  \n"
         + " · ".join(stages) + "  \n" + tokens_text(result.prompt_tokens)
@@ -99,10 +98,10 @@ def failed_text(message: str) -> str:
 def stopped_text(last_event) -> str:
     """What Stop did, naming the step the run reached."""
     where = ""
-    if last_event is not None and last_event.stage == "denoise":
+    if last_event is not None and last_event.stage == Stage.DENOISE:
         where = f" at step {last_event.step}/{last_event.total}"
     elif last_event is not None:
-        where = f" while {STAGES.get(last_event.stage, last_event.stage).lower()}"
+        where = f" while {STAGES[last_event.stage].lower()}"
     return f"**Stopped**{where}. Nothing was written and the run's memory was freed; you can generate again."
 
 

@@ -1,16 +1,13 @@
 """Video sizes: the resolution choices, the size an image-to-video run takes from its picture, and durations.
 
-Everything here is plain arithmetic on pixels, so the page can show a size before any model is loaded.
+Everything here is plain arithmetic on pixels, so the page can show a size before any model is loaded. Which sizes
+a model makes (the multiples of its widths and heights, its frame step) is the model's: wan_engine.SizeRules, read
+from its files by wan_engine.recommended_settings.
 """
 
 import math
 
 from PIL import Image
-
-# Wan2.2 TI2V: the VAE downsamples 16x in space and 4x in time, and the transformer's patches are 2x2, so widths
-# and heights are multiples of 32 and frame counts are 4n+1. The loaded engine checks them again with its own.
-SIZE_MULTIPLE = 32
-FRAME_STEP = 4
 
 # The model's native 1280x704 in both orientations, then smaller sizes of the same aspects (faster, less memory).
 MODEL_SIZES = [(1280, 704), (704, 1280), (960, 544), (544, 960), (832, 480), (480, 832), (640, 352), (352, 640)]
@@ -40,14 +37,11 @@ def matching_choice(width: int, height: int, sizes: list[tuple[int, int]]) -> st
     return size_label(width, height) if (width, height) in sizes else CUSTOM
 
 
-def size_for_aspect(aspect: float, area: int) -> tuple[int, int]:
-    """The multiple-of-32 size nearest to `area` pixels with this width/height aspect."""
+def size_for_aspect(aspect: float, area: int, rules) -> tuple[int, int]:
+    """The size the model makes (`rules`: wan_engine.SizeRules) nearest to `area` pixels with this width/height
+    aspect."""
     height = math.sqrt(area / aspect)
-    width = height * aspect
-    return (
-        max(SIZE_MULTIPLE, round(width / SIZE_MULTIPLE) * SIZE_MULTIPLE),
-        max(SIZE_MULTIPLE, round(height / SIZE_MULTIPLE) * SIZE_MULTIPLE),
-    )
+    return rules.nearest(height * aspect, height)
 
 
 def crop_to_aspect(picture: Image.Image, width: int, height: int) -> Image.Image:

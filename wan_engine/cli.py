@@ -1,5 +1,5 @@
 """Command line: `python -m wan_engine generate ...`, alone or in a group: `mlx.launch -n 2 -- python -m wan_engine
-generate ...` shares the video among the processes, and rank 0 writes it (wan_engine.parallel.group).
+generate ...` shares the video among the processes, and rank 0 writes it (wan_engine.parallel).
 
 Errors a user can fix (bad sizes, missing files, ...) end with one line on stderr and exit code 1, never a
 traceback.
@@ -9,13 +9,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from . import (
-    DEFAULT_MODEL, Cancelled, Engine, GenerationRequest, Result, WanError, convert, join_group, parse_lora,
-    resolve_model, warm_up,
+    DEFAULT_MODEL, Cancelled, Engine, Follower, GenerationRequest, ProgressEvent, Result, Stage, WanError, convert,
+    join_group, parse_lora, resolve_model, warm_up,
 )
 
 
@@ -81,8 +80,7 @@ class ProgressBar:
         self.stream.flush()
 
     def download(self, done: int, total: int, description: str) -> None:
-        self.update(SimpleNamespace(stage="download", message=description, step=done, total=total, step_s=None,
-                                    memory_gib=0))
+        self.update(ProgressEvent(Stage.DOWNLOAD, description, done, total))
 
     def close(self) -> None:
         if self.stage is not None:
@@ -92,7 +90,7 @@ class ProgressBar:
 def run_generate(args) -> int:
     group = join_group()  # under mlx.launch: this process's place in its group; None alone
     if group is not None and not group.is_owner:
-        group.serve(args.model, args.preset, args.dtype)
+        Follower(group).serve(args.model, args.preset, args.dtype)
         return 0
 
     latents = None
@@ -154,7 +152,7 @@ def run_convert(args) -> int:
     source = resolve_model(args.model, bar.download)
 
     def progress(stage: str, done: int, total: int) -> None:
-        bar.update(SimpleNamespace(stage=stage, message="", step=done, total=total, step_s=None, memory_gib=0))
+        bar.update(ProgressEvent(stage, "", done, total))  # the package's own stages: reading, quantizing, writing
 
     try:
         package = convert(source, args.output, args.quantize, args.quantize_text_encoder, progress,

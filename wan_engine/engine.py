@@ -3,44 +3,47 @@
 `Engine.generate(request)` is a generator of `ProgressEvent`s ending with a `Result`, so a CLI progress bar and a
 web UI can both stream every stage (loading, text encoding, image encoding, each denoising step, decoding, saving).
 A `CancelToken` stops a run within one step; a cancelled run frees its arrays and writes nothing. The memory
-preset decides what is quantized, what is released between stages, and how the VAE decodes.
+preset decides what is quantized, what stays loaded beside what (parts.py), and how the VAE decodes.
+
+A run walks its stages in order (`_stages`): the text, the first frame, the hand-over to a group's other processes,
+denoising, decoding and saving. In a group every process walks the same stages: rank 0 from the start, the others
+(`follow`) from the hand-over on, with the text embeddings, the noise and the first frame that rank 0 handed them.
 """
 
 import dataclasses
-import functools
 import gc
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from datetime import datetime
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .version import __version__
-from .model_files.demo import DEMO_NOTICE, cache_root
 from .errors import Cancelled, WanError
-from .models.config import SchedulerConfig
+from .model_files.cache_files import cache_root
 from .model_files.converted import ConvertedWeights
+from .model_files.demo import DEMO_NOTICE
 from .model_files.hub import find_local_model, resolve_model
 from .model_files.kernel_cache import keep_compiled_kernels
 from .model_files.loading import Snapshot
-from .model_files.lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
-from .memory import process_peak_rss_gib
+from .model_files.prompt_cache import PromptEmbeddingCache, encoder_identity
+from .models.config import SchedulerConfig
+from .models.text_encoder import count_tokens, encode_prompts, prompt_clean
+from .parallel.group import ParallelGroup
+from .parallel.share import ALONE, Layout, RankShare
+from .parts import LoadedParts
 from .pipeline import (
-    DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, check_video_size, decode_frames, encode_image, frames_to_uint8,
-    from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
+    DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, decode_frames, encode_image, frames_to_uint8, from_diffusers_layout,
+    generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
 )
 from .presets import Preset, load_preset
 from .preview import calibrate, latent_preview
-from .model_files.prompt_cache import PromptEmbeddingCache, encoder_identity
-from .sampling.samplers import SAMPLERS, make_scheduler, sampler_defaults
-from .model_files.streamed_blocks import StreamedBlocks
-from .models.text_encoder import count_tokens, encode_prompts, prompt_clean
-from .model_files.tokenizer import load_prompt_tokenizer
+from .record import RunRecord, RunSettings, Stage, StageClock, gib, process_peak_rss_gib
+from .request import CancelToken, GenerationRequest, ProgressEvent, Result, SizeRules, validate
+from .sampling.samplers import SAMPLERS, make_sampler, sampler_defaults
+from .version import __version__
 from .video import VideoOutput, prepare_folder, remove_stale_partials
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -53,10 +56,6 @@ def default_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
-def gib(value: int) -> float:
-    return round(value / 2**30, 3)
-
-
 def decode_message(done: int, total: int, tiled: bool, latent_frames: int) -> str:
     """Progress of the decode: tiles, latent frames, or strips of latent frames (WanVAE.decode_chunks)."""
     if tiled:
@@ -66,94 +65,6 @@ def decode_message(done: int, total: int, tiled: bool, latent_frames: int) -> st
         return f"decoded latent frame {done}/{total}"
     strip, frame = divmod(done - 1, latent_frames)
     return f"decoded strip {strip + 1}/{strips}, latent frame {frame + 1}/{latent_frames}"
-
-
-class CancelToken:
-    """Set from any thread; the running generation checks it every step and between decoded chunks."""
-
-    def __init__(self):
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-
-@dataclass
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str | None = None  # None: Wan's official default; "" means no negative prompt
-    image: object = None  # a path or PIL image: image-to-video with this first frame
-    width: int = 1280
-    height: int = 704
-    frames: int = 121
-    # None for steps, guidance, shift, sampler: the model's recommended settings (Engine.defaults)
-    steps: int | None = None
-    guidance: float | None = None
-    shift: float | None = None
-    sampler: str | None = None
-    seed: int | None = None  # None: a random seed, reported in the result
-    fps: int = 24
-    latents: np.ndarray | None = None  # initial noise (1, C, F, H, W) used instead of the seed's
-    output: str | None = None  # the MP4 path; None: a timestamped name under the engine's output folder
-    keep_frames: bool = False  # return the float frames in the result (for --save-frames and tests)
-    preview: bool = False  # attach a small RGB preview of the latents to each denoising event
-    # LoRAs fused into the transformer, in order: (reference, strength), the reference a local .safetensors path or a
-    # Hub file written owner/repo/path/in/repo.safetensors; strength as diffusers' adapter weight (1.0: as trained)
-    loras: list = field(default_factory=list)
-
-
-@dataclass
-class ProgressEvent:
-    stage: str  # download | load | text | image | denoise | decode | save
-    message: str
-    step: int = 0
-    total: int = 0
-    elapsed_s: float = 0.0
-    step_s: float | None = None
-    eta_s: float | None = None
-    memory_gib: float = 0.0
-    preview: np.ndarray | None = field(default=None, repr=False)  # uint8 (H, W, 3), when asked for
-
-
-@dataclass
-class Result:
-    video_path: Path
-    sidecar_path: Path
-    seed: int
-    settings: dict
-    timings: dict
-    peak_memory_gib: float
-    prompt_tokens: dict  # {"used", "total", "limit"}: the model reads the first `limit` tokens of the prompt
-    frames: np.ndarray | None = field(default=None, repr=False)
-    process_peak_rss_gib: float = 0.0  # the whole process's peak physical memory so far (memory.py)
-    parallel: dict | None = None  # a group's run: {"ranks", "guidance", "sequence", ...} (wan_engine.parallel.group)
-
-
-def validate(request: GenerationRequest, size_multiple: int, frame_step: int) -> None:
-    """Every check that needs no model, with messages that say what is allowed (settings left unset are the
-    model's, and not checked)."""
-    if not request.prompt or not request.prompt.strip():
-        raise WanError("the prompt is empty: describe the video you want")
-    check_video_size(request.width, request.height, request.frames, size_multiple, frame_step)
-    if request.sampler is not None and request.sampler not in SAMPLERS:
-        raise WanError(f"sampler {request.sampler!r} is not allowed: choose one of {', '.join(SAMPLERS)}")
-    if request.steps is not None and not 1 <= request.steps <= 1000:
-        raise WanError(f"steps {request.steps} is not allowed: it must be between 1 and 1000")
-    if request.guidance is not None and not 0 <= request.guidance <= 50:
-        raise WanError(f"guidance {request.guidance} is not allowed: it must be between 0 and 50 (1 turns it off)")
-    if request.sampler == "dmd" and request.guidance is not None and request.guidance > 1:
-        raise WanError(f"guidance {request.guidance} is not allowed with the dmd sampler: distilled few-step "
-                       "sampling runs without guidance (1 or less, or leave it unset)")
-    if request.shift is not None and not 0 < request.shift <= 100:
-        raise WanError(f"shift {request.shift} is not allowed: it must be above 0 and at most 100")
-    if not 1 <= request.fps <= 120:
-        raise WanError(f"fps {request.fps} is not allowed: it must be between 1 and 120")
-    if request.seed is not None and not 0 <= request.seed < 2**63:
-        raise WanError(f"seed {request.seed} is not allowed: it must be between 0 and 2^63-1")
 
 
 def drain(events):
@@ -171,10 +82,16 @@ def model_sampler(snapshot: Snapshot) -> str:
     return "dmd" if snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
 
 
+def size_rules(snapshot: Snapshot) -> SizeRules:
+    """The sizes a model makes: multiples of its VAE's spatial factor times its patch, frames of its temporal one."""
+    vae, transformer = snapshot.vae_config, snapshot.transformer_config
+    return SizeRules(vae.scale_factor_spatial * transformer.patch_size[1], vae.scale_factor_temporal)
+
+
 def recommended_settings(model: str) -> dict:
     """For a form filled before any engine is opened: {"sampler": the model's own sampler, "by_sampler": {name:
-    {sampler, steps, guidance, shift}}}, read from the model's files when they are on this machine (nothing is
-    downloaded), else those of Wan2.2 TI2V-5B (UniPC, flow shift 5)."""
+    {sampler, steps, guidance, shift}}, "sizes": SizeRules}, read from the model's files when they are on this
+    machine (nothing is downloaded), else those of Wan2.2 TI2V-5B (UniPC, flow shift 5, multiples of 32, 4n+1)."""
     snapshot = None
     if root := find_local_model(model):
         try:
@@ -183,7 +100,8 @@ def recommended_settings(model: str) -> dict:
             pass
     config = snapshot.scheduler_config if snapshot else SchedulerConfig(flow_shift=WAN22_FLOW_SHIFT)
     return {"sampler": model_sampler(snapshot) if snapshot else "unipc",
-            "by_sampler": {name: sampler_defaults(name, config) for name in SAMPLERS}}
+            "by_sampler": {name: sampler_defaults(name, config) for name in SAMPLERS},
+            "sizes": size_rules(snapshot) if snapshot else SizeRules()}
 
 
 def apply_memory_limits(preset: Preset) -> None:
@@ -194,11 +112,34 @@ def apply_memory_limits(preset: Preset) -> None:
         mx.set_cache_limit(int(preset.cache_limit_gib * 2**30))
 
 
+@dataclass
+class Run:
+    """One generation, as its stages fill it in."""
+    request: GenerationRequest  # with the model's defaults filled in
+    seed: int
+    negative_prompt: str
+    loras: list  # model_files.lora.Lora, read and checked
+    noise: mx.array | None
+    image: mx.array | None = None  # the first frame's pixels (image to video)
+    video_path: Path | None = None  # rank 0's
+    use_prompt_cache: bool = True
+    clock: StageClock = field(default_factory=StageClock)
+    handed_over: bool = False  # a group's other process: rank 0 encoded the text and the first frame
+    share: object = ALONE  # this process's share of the work (parallel/share.py)
+    context: mx.array | None = None  # text embeddings (1 or 2, 512, D)
+    prompt_tokens: dict | None = None
+    condition: mx.array | None = None  # the first frame's latent
+    latents: mx.array | None = None  # denoised
+    frames: list = field(default_factory=list)  # float frames, kept when the request asks
+    result: Result | None = None
+
+
 class Engine:
     """Create and use an engine on one thread: MLX streams belong to the thread that made them (MLX >= 0.31.2)."""
 
     def __init__(self, model, dtype: str | None = None, preset: str = "normal", output_dir="outputs",
-                 download_progress=None, prompt_cache: PromptEmbeddingCache | None = None, group=None):
+                 download_progress=None, prompt_cache: PromptEmbeddingCache | None = None,
+                 group: ParallelGroup | None = None):
         keep_compiled_kernels()  # before anything compiles
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
@@ -210,186 +151,25 @@ class Engine:
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.preset = load_preset(preset)
         self.preset_source = str(preset)  # a name or a path, which the other processes of a group open too
-        self.group = group  # wan_engine.parallel.group.ParallelGroup of rank 0, whose runs this engine shares; or None
+        self.group = group  # the group whose runs this engine (on rank 0) shares, or None
         self.output_dir = Path(output_dir)
         self.transformer_config = self.snapshot.transformer_config
         self.vae_config = self.snapshot.vae_config
         self.scheduler_config = self.snapshot.scheduler_config
-        self.size_multiple = self.vae_config.scale_factor_spatial * self.transformer_config.patch_size[1]
-        self.frame_step = self.vae_config.scale_factor_temporal
+        self.size_rules = size_rules(self.snapshot)
         self.normalizer = LatentNormalizer(self.vae_config)
         self.prompt_cache = prompt_cache or PromptEmbeddingCache(cache_root() / "prompt-embeddings")
         self.text_identity = encoder_identity(self.root, dtype, self.preset.text_encoder_quantization)
         self.converted = ConvertedWeights(self.snapshot, cache_root() / "converted")  # converted once, kept on disk
-        self.parts = {}  # name -> loaded module: tokenizer, text_encoder, transformer, vae
+        self.parts = LoadedParts(self.snapshot, self.dtype, self.preset, self.converted, cache_root() / "tokenizers",
+                                 download_progress)
         self.preview_map = None  # latent -> RGB map, calibrated on the first run that asks for previews
-        self.download_progress = download_progress  # Hub LoRAs are fetched when a request names them
-        self.fused = AdapterSet()  # the LoRAs the loaded transformer holds
         apply_memory_limits(self.preset)
 
     @property
     def notice(self) -> str | None:
         """What the user must know about this model (the demo model's videos are noise-like)."""
         return DEMO_NOTICE if self.is_demo else None
-
-    # -- loading and releasing -------------------------------------------------------------------------------------
-    def part(self, name: str):
-        """A part, loaded if it is not (no progress events): for the other processes of a group."""
-        drain(self._load(name, {}))
-        return self.parts[name]
-
-    def _load(self, name: str, timings: dict):
-        """Load one part unless it is loaded; yields progress events while it loads."""
-        if name in self.parts:
-            return
-        label = name.replace("_", " ")
-        start = time.perf_counter()
-        yield ProgressEvent("load", f"loading the {label}")
-        preset, origin = self.preset, "its files"
-        if name == "tokenizer":
-            part = load_prompt_tokenizer(self.root / "tokenizer", cache_root() / "tokenizers")
-        elif name == "text_encoder":
-            # Streamed, it fits beside the transformer; loaded whole (the first time: converted), it may not.
-            whole_needs_room = preset.release_transformer_before_decode
-            make_room = partial(self.release, "vae", "transformer") if whole_needs_room else None
-            part, origin = self.converted.load(name, self.dtype, preset.text_encoder_quantization,
-                                               stream_blocks=preset.stream_text_encoder, make_room=make_room)
-        elif name == "transformer":
-            part, origin = self.converted.load(name, self.dtype, preset.transformer_quantization)
-            self.fused = AdapterSet()  # a fresh transformer holds the snapshot's weights
-            part.block_lookahead = preset.block_lookahead
-            if preset.compile:
-                part.compile()
-        else:
-            part, origin = self.converted.load(name, self.dtype)
-        self.parts[name] = part
-        elapsed = time.perf_counter() - start
-        timings["load_s"] = round(timings.get("load_s", 0.0) + elapsed, 4)
-        yield ProgressEvent("load", f"loaded the {label} from {origin} in {elapsed:.1f} s", elapsed_s=elapsed,
-                            memory_gib=gib(mx.get_active_memory()))
-
-    def release(self, *names: str) -> None:
-        """Drop loaded parts (all when no name is given) and return their memory to the system."""
-        dropped = [self.parts.pop(name) for name in names or list(self.parts) if name in self.parts]
-        if dropped:
-            del dropped
-            gc.collect()  # a part's compiled graphs may hold it in reference cycles
-            mx.clear_cache()
-
-    def _end_stage(self, cancel: CancelToken | None) -> None:
-        """Between stages: return the memory the stage left behind (its arrays are freed as they are dropped), and
-        stop here if the run was cancelled."""
-        if self.preset.clear_cache_between_stages:
-            mx.clear_cache()
-        if cancel is not None and cancel.cancelled:
-            raise Cancelled()
-
-    # -- stages ----------------------------------------------------------------------------------------------------
-    def _encode_text(self, prompts: list[str], timings: dict, tokens: list):
-        """Embeddings (len(prompts), 512, D) as the text encoder's dtype; the cache first, UMT5 for misses.
-        Each prompt is encoded on its own, so a cached and a fresh embedding are the same numbers. Appends each
-        prompt's token count (before the model's cut to 512) to `tokens`."""
-        rows = []
-        for prompt in prompts:
-            cleaned = prompt_clean(prompt)
-            key = self.prompt_cache.key(self.text_identity, cleaned, TEXT_LENGTH)
-            cached = self.prompt_cache.get(key, TEXT_LENGTH)
-            if cached is None:
-                if self.preset.release_transformer_before_decode and not self.preset.stream_text_encoder:
-                    self.release("vae", "transformer")  # one large part in memory at a time
-                yield from self._load("tokenizer", timings)
-                yield from self._load("text_encoder", timings)
-                embedding = encode_prompts(self.parts["text_encoder"], self.parts["tokenizer"], [prompt], TEXT_LENGTH)
-                self._count_streamed_reads(timings)
-                cached = np.array(embedding[0].astype(mx.float32)), count_tokens(self.parts["tokenizer"], prompt)
-                self.prompt_cache.put(key, *cached)
-            rows.append(cached[0])
-            tokens.append(cached[1])
-        if self.preset.release_text_encoder:
-            self.release("text_encoder")
-        return mx.array(np.stack(rows)).astype(self.dtype)
-
-    def _count_streamed_reads(self, timings: dict) -> None:
-        """A streamed text encoder reads its blocks while it encodes: that time is loading, as a whole load's is."""
-        blocks = self.parts["text_encoder"].encoder.block
-        if isinstance(blocks, StreamedBlocks):
-            timings["load_s"] = round(timings.get("load_s", 0.0) + blocks.read_s, 4)
-            blocks.read_s = 0.0
-
-    def prepare_next(self):
-        """Between videos, while nobody waits (the app calls it when no run is waiting): a preset that releases the
-        transformer before decoding loads it again now, in place of the VAE, so that the next video does not wait
-        for it (the text encoder then streams beside it, and a cached prompt loads only the VAE). Yields the
-        loading's progress events."""
-        if self.preset.reload_transformer_after_video and self.group is None and "transformer" not in self.parts:
-            self.release("vae")
-            yield from self._load("transformer", {})
-
-    def _calibrate_preview(self, timings: dict):
-        yield from self._load("vae", timings)
-        self.preview_map = calibrate(self.parts["vae"], self.normalizer, self.vae_config.scale_factor_spatial)
-
-    # -- LoRA adapters (lora.py) -----------------------------------------------------------------------------------
-    @functools.cached_property
-    def transformer_shapes(self) -> dict:
-        return transformer_shapes(self.transformer_config)
-
-    def _read_loras(self, pairs: list):
-        """A request's LoRAs ((reference, strength) pairs), read and checked against the transformer before anything
-        is loaded or fused, so a bad file changes nothing."""
-        loras = []
-        for item in pairs:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise WanError(f"LoRA {item!r} is not allowed: give (path or owner/repo/file.safetensors, strength)")
-            yield ProgressEvent("load", f"reading the LoRA {item[0]}")
-            loras.append(read_lora(item[0], item[1], self.transformer_shapes, self.download_progress))
-        return loras
-
-    def _fuse_loras(self, loras: list, timings: dict):
-        """Make the loaded transformer hold exactly `loras` (reloading the layers an earlier set changed); nothing
-        to do when it holds them already."""
-        wanted = adapter_set(loras)
-        if wanted.identity == self.fused.identity:
-            return
-        start = time.perf_counter()
-        model = self.parts["transformer"]
-        # until done, a failure leaves every layer either set touches to be reloaded by the next run
-        self.fused = AdapterSet(None, self.fused.layers | wanted.layers)
-        reloaded = 0
-        for reloaded, total in fuse(self.snapshot, model, self.dtype, loras, self.fused):
-            yield ProgressEvent("load", "fusing LoRAs", reloaded, total, memory_gib=gib(mx.get_active_memory()))
-        self.fused = wanted
-        if self.preset.compile:
-            model.compile()  # compiled blocks hold the weights they were traced with
-        elapsed = time.perf_counter() - start
-        timings["load_s"] = round(timings.get("load_s", 0.0) + elapsed, 4)
-        ignored = sum(len(lora.ignored) for lora in loras)
-        yield ProgressEvent("load", f"the transformer holds {len(loras)} LoRAs: {reloaded} layers reloaded in "
-                            f"{elapsed:.1f} s" + (f", {ignored} keys ignored as diffusers ignores them" if ignored else ""),
-                            elapsed_s=elapsed, memory_gib=gib(mx.get_active_memory()))
-
-    def hold_loras(self, pairs: list) -> None:
-        """The loaded transformer fused with `pairs`, without progress events: for the other processes of a group,
-        which take rank 0's LoRAs."""
-        drain(self._fuse_loras(drain(self._read_loras(pairs)), {}))
-
-    def vae_tile(self, width: int, height: int):
-        tile = self.preset.vae_tile
-        return tile if tile is not None and width * height >= tile.get("min_pixels", 0) else None
-
-    # -- generation ------------------------------------------------------------------------------------------------
-    def settings(self, request: GenerationRequest, seed: int, negative: str, loras: list = ()) -> dict:
-        return {
-            "prompt": request.prompt, "negative_prompt": negative,
-            "image": None if request.image is None else str(getattr(request.image, "filename", "") or request.image),
-            "width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps,
-            "guidance": request.guidance, "shift": self.shift(request), "sampler": request.sampler, "seed": seed,
-            "fps": request.fps, "dtype": self.dtype_name, "model": self.model, "preset": self.preset.name,
-            "loras": [lora.record() for lora in loras],
-        }
-
-    def shift(self, request: GenerationRequest) -> float:
-        return request.shift if request.shift is not None else self.defaults(request.sampler)["shift"]
 
     def defaults(self, sampler: str | None = None) -> dict:
         """The recommended {sampler, steps, guidance, shift} of this model (of `sampler` on it, when given), which
@@ -402,11 +182,32 @@ class Engine:
                  if getattr(request, name) is None}
         return dataclasses.replace(request, **unset)
 
-    def generate(self, request: GenerationRequest, cancel: CancelToken | None = None):
+    def vae_tile(self, width: int, height: int) -> dict | None:
+        """The preset's VAE tiles for a video of this size, or None (untiled)."""
+        tile = self.preset.vae_tile
+        return tile if tile is not None and width * height >= tile.get("min_pixels", 0) else None
+
+    def release(self) -> None:
+        """Drop every loaded part and return its memory to the system."""
+        self.parts.release()
+
+    def prepare_next(self):
+        """Between videos, while nobody waits (the app calls it when no run is waiting): a preset that loads the
+        transformer between videos loads it now, in place of the VAE, so that the next video does not wait for it
+        (the text encoder then streams beside it, and a cached prompt loads only the VAE). Yields the loading's
+        progress events."""
+        if self.parts.policy.load_transformer_between_videos and self.group is None and "transformer" not in self.parts:
+            yield from self.parts.load("transformer")
+
+    # -- a run -----------------------------------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest, cancel: CancelToken | None = None, use_prompt_cache: bool = True):
         """Run one generation: yields ProgressEvents, then the Result. Raises WanError on bad input and
-        errors.Cancelled when `cancel` was set (its memory freed, nothing written)."""
+        errors.Cancelled when `cancel` was set (its memory freed, nothing written). `use_prompt_cache` False: the
+        prompts are encoded by the text encoder and their embeddings not kept (the warm-up)."""
         try:
-            yield from self._generate(request, cancel)
+            run = yield from self._start(request, use_prompt_cache)
+            yield from self._stages(run, cancel)
+            yield run.result
         except BaseException as error:
             if self.group is not None and (replacement := self.group.leave(error)) is not None:
                 raise replacement from error
@@ -415,140 +216,221 @@ class Engine:
                 mx.clear_cache()
             raise
 
-    def _generate(self, request: GenerationRequest, cancel: CancelToken | None):
+    def follow(self, group: ParallelGroup, header: dict, arrays: dict) -> None:
+        """A group's other process: rank 0's run from its hand-over on (`_hand_over`), the same stages."""
+        fields = header["request"]
+        request = GenerationRequest(prompt="", **{name: fields[name] for name in (
+            "width", "height", "frames", "steps", "guidance", "shift", "sampler", "seed")})
+        loras = drain(self.parts.read_loras(fields["loras"]))  # each process fuses them (the same files there)
+        condition = arrays.get("condition")
+        run = Run(request, request.seed, "", loras, mx.array(arrays["noise"]), handed_over=True,
+                  context=mx.array(arrays["context"]).astype(self.dtype),
+                  condition=None if condition is None else mx.array(condition))
+        run.share = group.run = self._rank_share(run, group, Layout(**header["layout"]))
+        drain(self._stages(run, None))
+
+    def _stages(self, run: Run, cancel: CancelToken | None):
+        """The stages of a run, in order, on every process of a group alike."""
+        if not run.handed_over:  # rank 0 (or alone): the text and the first frame, then the others take part
+            yield from self._encode_text(run, cancel)
+            yield from self._encode_image(run, cancel)
+            self._hand_over(run)
+        yield from self._denoise(run, cancel)
+        yield from self._decode(run, cancel)
+
+    def _start(self, request: GenerationRequest, use_prompt_cache: bool):
+        """The run of `request`: the model's defaults, every check that needs no part, the seed and its noise, the
+        first frame's pixels, the output's name (its folder checked for room) and the LoRAs read."""
         request = self.with_defaults(request)
-        validate(request, self.size_multiple, self.frame_step)
+        validate(request, self.size_rules)
         if self.group is not None:
             self.group.check_usable()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-        negative = DEFAULT_NEGATIVE_PROMPT if request.negative_prompt is None else request.negative_prompt
         shape = latent_shape(self.vae_config, self.transformer_config, request.width, request.height, request.frames)
         noise = from_diffusers_layout(request.latents, shape) if request.latents is not None else initial_noise(seed, shape)
         image = None if request.image is None else load_image(request.image, request.width, request.height)
         video_path = self.output_path(request, seed)
         prepare_folder(video_path, request.width, request.height, request.frames)  # before any work: room, a folder
         remove_stale_partials(video_path.parent)
-        use_cfg = request.guidance > 1.0
-        preset = self.preset
-        loras = yield from self._read_loras(request.loras)
+        loras = yield from self.parts.read_loras(request.loras)
+        negative = DEFAULT_NEGATIVE_PROMPT if request.negative_prompt is None else request.negative_prompt
+        return Run(request, seed, negative, loras, noise, image, video_path, use_prompt_cache)
 
-        mx.reset_peak_memory()
-        timings = {}
-        run_start = time.perf_counter()
+    def _end_stage(self, cancel: CancelToken | None) -> None:
+        """Between stages: return the memory the stage left behind (its arrays are freed as they are dropped), and
+        stop here if the run was cancelled."""
+        if self.parts.policy.clear_cache_between_stages:
+            mx.clear_cache()
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled()
 
-        stage_peaks, stage_rss = {}, {}
-
-        def lap(name, since):
-            """Close a stage: its time, the MLX peak since the previous stage closed, and the process's peak so far."""
-            timings[name] = round(time.perf_counter() - since, 4)
-            stage_peaks[name.removesuffix("_s")] = gib(mx.get_peak_memory())
-            stage_rss[name.removesuffix("_s")] = process_peak_rss_gib()
-            mx.reset_peak_memory()
-
-        yield ProgressEvent("text", "encoding the prompt" + (" and the negative prompt" if use_cfg else ""))
-        start = time.perf_counter()
-        tokens = []
-        context = yield from self._encode_text([request.prompt, negative] if use_cfg else [request.prompt], timings,
-                                               tokens)
-        mx.eval(context)
-        lap("text_s", start)
+    # -- the stages ------------------------------------------------------------------------------------------------
+    def _encode_text(self, run: Run, cancel: CancelToken | None):
+        """The text embeddings (1 or 2, 512, D) in the compute dtype: the prompt's and, with guidance, the negative
+        prompt's. Each prompt is encoded on its own, so a cached and a fresh embedding are the same numbers."""
+        use_guidance = run.request.guidance > 1.0
+        prompts = [run.request.prompt, run.negative_prompt] if use_guidance else [run.request.prompt]
+        yield ProgressEvent(Stage.TEXT, "encoding the prompt" + (" and the negative prompt" if use_guidance else ""))
+        run.clock.start()
+        embeddings = []
+        for prompt in prompts:
+            embeddings.append((yield from self._prompt_embedding(prompt, run)))
+        if self.parts.policy.release_text_encoder_after_use:
+            self.parts.release("text_encoder")
+        run.context = mx.array(np.stack([rows for rows, _ in embeddings])).astype(self.dtype)
+        mx.eval(run.context)
+        timings = run.clock.timings
+        run.clock.lap(Stage.TEXT)
         timings["text_s"] = round(timings["text_s"] - timings.get("load_s", 0.0), 4)  # loading counted apart
-        prompt_tokens = {"used": min(tokens[0], TEXT_LENGTH), "total": tokens[0], "limit": TEXT_LENGTH}
+        tokens = [count for _, count in embeddings]
+        run.prompt_tokens = {"used": min(tokens[0], TEXT_LENGTH), "total": tokens[0], "limit": TEXT_LENGTH}
         for name, count in zip(("prompt", "negative prompt"), tokens):
             if count > TEXT_LENGTH:
-                yield ProgressEvent("text", f"the {name} has {count} tokens and the model reads {TEXT_LENGTH}: "
-                                            f"everything after the first {TEXT_LENGTH} is left out")
+                yield ProgressEvent(Stage.TEXT, f"the {name} has {count} tokens and the model reads {TEXT_LENGTH}: "
+                                                f"everything after the first {TEXT_LENGTH} is left out")
         self._end_stage(cancel)
 
-        condition = None
-        if image is not None or (request.preview and self.preview_map is None):
-            if preset.release_transformer_before_decode:  # the VAE is not kept beside the transformer
-                self.release("transformer")
-            yield from self._load("vae", timings)
-        if image is not None:
-            yield ProgressEvent("image", "encoding the first frame")
-            start = time.perf_counter()
-            condition = encode_image(self.parts["vae"], self.normalizer, image)
-            mx.eval(condition)
-            lap("image_s", start)
-        if request.preview and self.preview_map is None:
-            yield from self._calibrate_preview(timings)
-        if preset.release_transformer_before_decode:  # low memory: the VAE is not kept beside the transformer
-            self.release("vae")
-        self._end_stage(cancel)
-        # A group's other processes take the run from here (wan_engine.parallel.group), each with its part of the work.
-        plan = None if self.group is None else self.group.start_run(self, request, seed, context, noise, condition)
+    def _prompt_embedding(self, prompt: str, run: Run):
+        """(embedding (512, D) float32 numpy, token count before the model's cut): the cache first, UMT5 on a miss."""
+        key = self.prompt_cache.key(self.text_identity, prompt_clean(prompt), TEXT_LENGTH)
+        cached = self.prompt_cache.get(key, TEXT_LENGTH) if run.use_prompt_cache else None
+        if cached is None:
+            tokenizer = yield from self.parts.load("tokenizer", run.clock)
+            encoder = yield from self.parts.load("text_encoder", run.clock)
+            embedding = encode_prompts(encoder, tokenizer, [prompt], TEXT_LENGTH)
+            run.clock.loading(self.parts.streamed_read_s())
+            cached = np.array(embedding[0].astype(mx.float32)), count_tokens(tokenizer, prompt)
+            if run.use_prompt_cache:
+                self.prompt_cache.put(key, *cached)
+        return cached
 
-        yield from self._load("transformer", timings)
-        yield from self._fuse_loras(loras, timings)
-        scheduler = make_scheduler(request.sampler, request.steps, request.shift, self.scheduler_config,
-                                   step_noise_key(seed))
-        steps = generate_latents(self.parts["transformer"], scheduler, noise, context, request.guidance, condition, cancel,
-                                 preset.cfg_batch, plan)
-        start = time.perf_counter()
+    def _encode_image(self, run: Run, cancel: CancelToken | None):
+        """Image to video: the first frame's latent. And the live preview's colours, calibrated once with the VAE."""
+        calibrating = run.request.preview and self.preview_map is None
+        if run.image is not None or calibrating:
+            vae = yield from self.parts.load("vae", run.clock)
+            if run.image is not None:
+                yield ProgressEvent(Stage.IMAGE, "encoding the first frame")
+                run.clock.start()
+                run.condition = encode_image(vae, self.normalizer, run.image)
+                mx.eval(run.condition)
+                run.clock.lap(Stage.IMAGE)
+            if calibrating:
+                self.preview_map = calibrate(vae, self.normalizer, self.vae_config.scale_factor_spatial)
+        self._end_stage(cancel)
+
+    def _hand_over(self, run: Run) -> None:
+        """In a group, the others take the run from here (`follow`), each with its share of the work."""
+        if self.group is None:
+            return
+        request = run.request
+        run.share = self._rank_share(run, self.group, Layout.choose(self.group.size, run.context.shape[0] == 2))
+        header = {
+            "model": self.model, "preset": self.preset_source, "dtype": self.dtype_name,
+            "layout": run.share.layout.as_dict(), "request": {
+                "width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps,
+                "guidance": request.guidance, "shift": request.shift, "sampler": request.sampler, "seed": run.seed,
+                "loras": [list(pair) for pair in request.loras]},
+        }
+        arrays = {"context": np.array(run.context.astype(mx.float32)), "noise": np.array(run.noise)}
+        if run.condition is not None:
+            arrays["condition"] = np.array(run.condition)
+        self.group.hand_off(header, arrays, run.share)
+
+    def _rank_share(self, run: Run, group: ParallelGroup, layout: Layout) -> RankShare:
+        request = run.request
+        latent_grid = tuple(run.noise.shape[1:4])
+        tiled = self.vae_tile(request.width, request.height) is not None
+        strips = None if tiled else RankShare.strips(latent_grid[2], self.preset.vae_strip_width, group.size)
+        return RankShare(group, layout, latent_grid, self.transformer_config, request.steps, request.guidance, strips,
+                         self.vae_config.scale_factor_spatial, self.dtype.size)
+
+    def _denoise(self, run: Run, cancel: CancelToken | None):
+        request, timings = run.request, run.clock.timings
+        transformer = yield from self.parts.load("transformer", run.clock)
+        yield from self.parts.fuse_loras(run.loras, run.clock)
+        transformer.shard(run.share.tokens)
+        sampler = make_sampler(request.sampler, request.steps, request.shift, self.scheduler_config,
+                               step_noise_key(run.seed))
+        steps = generate_latents(transformer, sampler, run.noise, run.context, request.guidance, run.condition, cancel,
+                                 self.preset.cfg_batch, run.share)
+        run.clock.start()
         for i, latents in enumerate(steps, start=1):
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - run.clock.since
             per_step = elapsed / i
             if i == 1:  # the first step compiles what the run's shapes need: measured apart
                 timings["denoise_first_step_s"] = round(elapsed, 4)
             preview = latent_preview(latents, self.preview_map) if request.preview else None
-            yield ProgressEvent("denoise", f"step {i}/{request.steps}", i, request.steps, elapsed, per_step,
+            yield ProgressEvent(Stage.DENOISE, f"step {i}/{request.steps}", i, request.steps, elapsed, per_step,
                                 per_step * (request.steps - i), gib(mx.get_active_memory()), preview)
-        lap("denoise_s", start)
+        run.clock.lap(Stage.DENOISE)
         timings["denoise_s_per_step"] = round(timings["denoise_s"] / request.steps, 4)
-        del noise, context, condition, steps
-        if preset.release_transformer_before_decode:
-            self.release("transformer")
+        run.latents, run.noise, run.context, run.condition = latents, None, None, None
+        del steps, latents
         self._end_stage(cancel)
 
-        yield from self._load("vae", timings)
-        start = time.perf_counter()
-        settings = self.settings(request, seed, negative, loras)
-        # ffmpeg encodes each decoded chunk while the next one decodes; the video and its sidecar land together
-        # at the end, or nothing does (a cancelled or failed run leaves no file).
-        output = VideoOutput(video_path, request.width, request.height, request.fps,
-                             {"title": request.prompt, "comment": settings})
+    def _decode(self, run: Run, cancel: CancelToken | None):
+        """Decode the latents and, on rank 0, write the video: ffmpeg encodes each decoded chunk while the next one
+        decodes; the video and its sidecar land together at the end, or nothing does (a cancelled or failed run
+        leaves no file)."""
+        if not run.share.decodes:
+            return
+        request, preset = run.request, self.preset
+        vae = yield from self.parts.load("vae", run.clock)
+        run.clock.start()
+        settings = self.settings(run)
+        output = None
+        if run.share.is_owner:
+            output = VideoOutput(run.video_path, request.width, request.height, request.fps,
+                                 {"title": request.prompt, "comment": dataclasses.asdict(settings)})
         try:
-            frames_float = []
             tile = self.vae_tile(request.width, request.height)
-            for done, total, frames in decode_frames(self.parts["vae"], self.normalizer, latents, cancel, tile,
-                                                     preset.vae_frame_by_frame, preset.vae_strip_width, plan):
+            for done, total, frames in decode_frames(vae, self.normalizer, run.latents, cancel, tile,
+                                                     preset.vae_frame_by_frame, preset.vae_strip_width, run.share):
                 if frames is not None:
                     output.add(frames_to_uint8(frames))
                     if request.keep_frames:
-                        frames_float.append(np.array(frames))
-                yield ProgressEvent("decode", decode_message(done, total, tile is not None, latents.shape[1]), done,
-                                    total, memory_gib=gib(mx.get_active_memory()))
-            lap("decode_s", start)
-            del latents
+                        run.frames.append(np.array(frames))
+                yield ProgressEvent(Stage.DECODE, decode_message(done, total, tile is not None, run.latents.shape[1]),
+                                    done, total, memory_gib=gib(mx.get_active_memory()))
+            run.clock.lap(Stage.DECODE)
+            run.latents = None
             self._end_stage(cancel)
-
-            yield ProgressEvent("save", "writing the video")
-            start = time.perf_counter()
-            output.close()
-            lap("save_s", start)
-            timings["total_s"] = round(time.perf_counter() - run_start, 4)
-            peak = max(stage_peaks.values())
-            record = {
-                "seed": seed, "settings": settings, "timings": timings, "peak_memory_gib": peak,
-                "stage_peak_memory_gib": stage_peaks, "process_peak_rss_gib": process_peak_rss_gib(),
-                "stage_process_peak_rss_gib": stage_rss, "prompt_tokens": prompt_tokens,
-                "engine_version": __version__, "video": video_path.name,
-                "created": datetime.now().isoformat(timespec="seconds"),
-            }
-            if self.notice:
-                record["notice"] = self.notice
-            parallel = None if plan is None else {
-                **plan.layout.as_dict(), "exchanged_mib_per_step": round(plan.exchanged_bytes_per_step / 2**20, 3)}
-            if parallel:
-                record["parallel"] = parallel
-            video_path, sidecar = output.land(record)
+            if output is not None:
+                yield from self._save(run, settings, output)
         except BaseException:
-            output.abort()
+            if output is not None:
+                output.abort()
             raise
-        yield Result(video_path, sidecar, seed, settings, timings, peak, prompt_tokens,
-                     np.concatenate(frames_float) if request.keep_frames else None, record["process_peak_rss_gib"],
-                     parallel)
+
+    def _save(self, run: Run, settings: RunSettings, output: VideoOutput):
+        yield ProgressEvent(Stage.SAVE, "writing the video")
+        clock = run.clock
+        clock.start()
+        output.close()
+        clock.lap(Stage.SAVE)
+        clock.total()
+        record = RunRecord(
+            seed=run.seed, settings=settings, timings=clock.timings, peak_memory_gib=clock.peak_memory_gib,
+            stage_peak_memory_gib=clock.stage_peaks, process_peak_rss_gib=process_peak_rss_gib(),
+            stage_process_peak_rss_gib=clock.stage_rss, prompt_tokens=run.prompt_tokens, engine_version=__version__,
+            video=run.video_path.name, created=datetime.now().isoformat(timespec="seconds"), notice=self.notice,
+            parallel=run.share.record(),
+        )
+        video_path, sidecar = output.land(record.to_dict())
+        run.result = Result(video_path, sidecar, record,
+                            np.concatenate(run.frames) if run.request.keep_frames else None)
+
+    def settings(self, run: Run) -> RunSettings:
+        request = run.request
+        return RunSettings(
+            prompt=request.prompt, negative_prompt=run.negative_prompt,
+            image=None if request.image is None else str(getattr(request.image, "filename", "") or request.image),
+            width=request.width, height=request.height, frames=request.frames, steps=request.steps,
+            guidance=request.guidance, shift=request.shift, sampler=request.sampler, seed=run.seed, fps=request.fps,
+            dtype=self.dtype_name, model=self.model, preset=self.preset.name,
+            loras=[lora.record() for lora in run.loras],
+        )
 
     def output_path(self, request: GenerationRequest, seed: int) -> Path:
         if request.output:

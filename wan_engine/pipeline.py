@@ -1,16 +1,20 @@
-"""Text (and image) to video with Wan2.2 TI2V: the only module that knows the order of the stages.
+"""The numbers of text (and image) to video with Wan2.2 TI2V: noise, first-frame conditioning, the denoising loop and
+the decode, as functions of the parts and arrays they are given (the engine walks the stages that call them).
 
 Mirrors diffusers' `WanPipeline` / `WanImageToVideoPipeline` with `expand_timesteps=True`. Latents are kept
-channels-last, (B, F, H, W, C), and in float32 between steps, as diffusers keeps them.
+channels-last, (B, F, H, W, C), and in float32 between steps, as diffusers keeps them. The loops run the same code
+alone and in a group of processes: they ask the process's share of the run (parallel/share.py; `ALONE` alone)
+for its context, its exchanges and the checkpoints where Stop reaches every process.
 """
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .errors import Cancelled, WanError
+from .errors import WanError
 from .images import open_image
 from .models.vae_tiling import decode_tiled
+from .parallel.share import ALONE
 
 # Wan's official default negative prompt (Wan-Video/Wan2.2 `shared_config.sample_neg_prompt`).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -18,23 +22,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
-
-
-def check_video_size(width: int, height: int, frames: int, size_multiple: int, frame_step: int) -> None:
-    """Refuse sizes the model cannot represent, saying what is allowed (diffusers silently rounds instead)."""
-    for name, value in (("width", width), ("height", height)):
-        if value < size_multiple or value % size_multiple:
-            lower = max(size_multiple, value // size_multiple * size_multiple)
-            raise WanError(
-                f"{name} {value} is not allowed: it must be a positive multiple of {size_multiple} "
-                f"(for example {lower} or {lower + size_multiple})"
-            )
-    if frames < 1 or (frames - 1) % frame_step:
-        lower = max(1, (frames - 1) // frame_step * frame_step + 1)
-        raise WanError(
-            f"frames {frames} is not allowed: it must be {frame_step}n+1 (1, {1 + frame_step}, {1 + 2 * frame_step}, "
-            f"..., for example {lower} or {lower + frame_step})"
-        )
 
 
 def latent_shape(vae_config, transformer_config, width: int, height: int, frames: int) -> tuple:
@@ -98,8 +85,8 @@ def encode_image(vae, normalizer: LatentNormalizer, image: mx.array) -> mx.array
     return normalizer.normalize(vae.encode(image.astype(vae.dtype)))
 
 
-def generate_latents(transformer, scheduler, noise, context, guidance: float, condition=None, cancel=None,
-                     cfg_batch: bool = True, split=None):
+def generate_latents(transformer, sampler, noise, context, guidance: float, condition=None, cancel=None,
+                     cfg_batch: bool = True, share=ALONE):
     """Denoise `noise` (1, F, H, W, C). Yields the video latents after each step (float32); the last one is
     the result to decode.
 
@@ -107,14 +94,11 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
     guidance pair runs as one batch of two (`cfg_batch`, faster) or as two passes of one (half the activations).
     condition: the normalized first-frame latent for image-to-video, kept fixed as frame 0 with timestep 0 (TI2V's
     `expand_timesteps` conditioning, as diffusers and FastVideo's TI2V denoising do it; with every sampler, DMD too).
-    split: this process's part of a group's run (wan_engine.parallel.group.RankPlan), or None alone. It runs one branch
-    of the guidance pair (`split.branch`) and exchanges predictions with the other half of the group, and/or its
-    share of the tokens (`split.shard`); every step starts at a checkpoint of the whole group, where rank 0's
-    cancel token reaches the others. All processes keep the same latents.
+    share: this process's share of the run (`ALONE`, or a group's parallel.share.RankShare, whose branch of the
+    guidance pair this process runs and whose tokens the transformer was sharded for). Every step starts at its
+    checkpoint, where the cancel token stops the run. All processes keep the same latents.
     """
-    if split is not None and split.branch is not None:
-        context = context[split.branch : split.branch + 1]
-    shard = None if split is None else split.shard
+    context = share.branch_context(context)
     _, num_frames, height, width, _ = noise.shape
     dtype = transformer.dtype
     rope = transformer.rope(num_frames, height, width)
@@ -127,60 +111,51 @@ def generate_latents(transformer, scheduler, noise, context, guidance: float, co
         frame_mask = frame_mask.at[0].multiply(0.0)
 
     latents = noise
-    for t in scheduler.timesteps:
-        if split is not None:
-            split.checkpoint(cancel)
-        elif cancel is not None and cancel.cancelled:
-            raise Cancelled()
+    for t in sampler.timesteps:
+        share.checkpoint(cancel)
         x = latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
         timestep = (frame_mask * float(t))[None]
         if cfg_batch:
             x = mx.broadcast_to(x.astype(dtype), (batch, *x.shape[1:]))
-            prediction = transformer(x, mx.broadcast_to(timestep, (batch, num_frames)), kv, rope, shard)
+            prediction = transformer(x, mx.broadcast_to(timestep, (batch, num_frames)), kv, rope)
         else:
-            passes = [transformer(x.astype(dtype), timestep, [(k[i:i + 1], v[i:i + 1]) for k, v in kv], rope, shard)
+            passes = [transformer(x.astype(dtype), timestep, [(k[i:i + 1], v[i:i + 1]) for k, v in kv], rope)
                       for i in range(batch)]
             prediction = mx.concatenate(passes)
-        if split is not None and split.branch is not None:
-            prediction = split.exchange_branches(prediction)  # (2, ...): the prompt's, the negative prompt's
+        prediction = share.exchange_branches(prediction)  # (2, ...) with guidance: the prompt's, the negative's
         if prediction.shape[0] == 2:
             cond, uncond = prediction[:1], prediction[1:]
             prediction = uncond + guidance * (cond - uncond)
         # the solver keeps evolving its own frame 0; the video's frame 0 is the condition
-        latents = scheduler.step(prediction, latents)
+        latents = sampler.step(prediction, latents)
         mx.eval(latents)
-        if split is not None:
-            split.unit_done()
+        share.unit_done()
         yield latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
 
 
 def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None, tile=None,
-                  frame_by_frame: bool = False, strip_width: int | None = None, split=None):
+                  frame_by_frame: bool = False, strip_width: int | None = None, share=ALONE):
     """Decode latents to float32 frames in [0, 1] (diffusers' postprocessing), yielding (done, total, frames):
     untiled, as WanVAE.decode_chunks (one chunk per latent frame, the VAE's causal cache carried along; strips x
     latent frames with `strip_width`), `frames` (T_i, H, W, 3) or None while earlier strips decode; tiled (`tile` =
     {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at the end (`frames`
     None before). Frames are MLX arrays. `frame_by_frame`, `strip_width`: see WanVAE.decode_chunks.
-    split: in a group (wan_engine.parallel.group.RankPlan), untiled, each process decodes its part of the strips and
-    rank 0 gets whole chunks (the others get None); each chunk is a checkpoint, as each denoising step. A tiled
-    decode runs on rank 0 alone."""
+    share: untiled, this process decodes the strips of `share.decode_share` and the share gathers each chunk's
+    columns (the whole chunk on rank 0, None on the others); each chunk is a checkpoint, as each denoising step. A
+    tiled decode runs on rank 0 alone."""
 
-    def chunks(z, split):
-        part = None if split is None else split.decode_part
-        for done, total, chunk in vae.decode_chunks(z, frame_by_frame, strip_width, part):
-            if split is not None:
-                split.checkpoint(cancel)
-                chunk = None if chunk is None else split.gather_columns(chunk)
-                split.unit_done(finished=done == total)
-            elif cancel is not None and cancel.cancelled:
-                raise Cancelled()
+    def chunks(z, share):
+        for done, total, chunk in vae.decode_chunks(z, frame_by_frame, strip_width, share.decode_share):
+            share.checkpoint(cancel)
+            chunk = None if chunk is None else share.gather_columns(chunk)
+            share.unit_done(finished=done == total)
             yield done, total, None if chunk is None else mx.clip(chunk[0] / 2 + 0.5, 0.0, 1.0).astype(mx.float32)
 
     z = normalizer.denormalize(latents.astype(vae.dtype))
     if tile is None:
-        yield from chunks(z, split)
+        yield from chunks(z, share)
         return
-    tiles = decode_tiled(lambda z: (np.array(frames) for _, _, frames in chunks(z, None) if frames is not None), z,
+    tiles = decode_tiled(lambda z: (np.array(frames) for _, _, frames in chunks(z, ALONE) if frames is not None), z,
                          vae.config.scale_factor_spatial, tile["tile"], tile["overlap"])
     for done, total, video in tiles:
         yield done, total, None if video is None else mx.array(video)

@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .engine import Engine, GenerationRequest, Result
-from .model_files.prompt_cache import PromptEmbeddingCache
+from .engine import Engine
+from .request import GenerationRequest, Result
 
 WARM_UP = dict(prompt="a short warm-up clip of a quiet harbour", width=256, height=256, frames=5, steps=2, seed=0)
 
@@ -25,13 +25,11 @@ def warm_up(engine: Engine):
     """Run the warm-up generation; yields its ProgressEvents and returns its Result (timings, MLX peak; its files
     are gone). Writes nothing that stays: no video in the history, no prompt embedding in the cache."""
     folder = Path(tempfile.mkdtemp(prefix="wan-warm-up-"))
-    kept_cache, engine.prompt_cache = engine.prompt_cache, PromptEmbeddingCache(folder / "prompt-embeddings")
     try:
         request = GenerationRequest(**WARM_UP, output=str(folder / "warm-up.mp4"))
-        for item in engine.generate(request):
+        for item in engine.generate(request, use_prompt_cache=False):
             if isinstance(item, Result):
                 return item
             yield item
     finally:
-        engine.prompt_cache = kept_cache
         shutil.rmtree(folder, ignore_errors=True)

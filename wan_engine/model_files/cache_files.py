@@ -25,6 +25,14 @@ PARTIAL = re.compile(r"^\.(?P<stem>.+)\.partial-(?P<pid>\d+)(?P<suffix>\.[A-Za-z
 log = logging.getLogger("wan_engine")
 
 
+def cache_root() -> Path:
+    """Where every disk cache of the engine lives: WAN_STUDIO_CACHE, or wan-studio/ in the user's cache folder."""
+    base = os.environ.get("WAN_STUDIO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wan-studio"
+    )
+    return Path(base)
+
+
 class DamagedEntry(Exception):
     """A cache entry that cannot be trusted (it was removed)."""
 

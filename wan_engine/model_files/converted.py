@@ -63,45 +63,45 @@ class ConvertedWeights:
         self.snapshot = snapshot
         self.folder = Path(folder)
 
-    def load(self, component: str, dtype, quantize: dict = None, stream_blocks: bool = False,
+    def load(self, part: str, dtype, quantize: dict = None, stream_blocks: bool = False,
              make_room=None) -> tuple:
-        """(model, origin): `component` (transformer, vae, text_encoder) in `dtype`, quantized as `quantize` asks,
+        """(model, origin): `part` (transformer, vae, text_encoder) in `dtype`, quantized as `quantize` asks,
         from its entry when one is whole, else from the model's files (kept as an entry when that pays and there is
         room). `origin` says where it came from, for the load message. `stream_blocks`: a text encoder read from its
         entry leaves its blocks there, each read as the encoder reaches it (streamed_blocks.py). `make_room()` is
         called before a load from the model's files, which holds the whole part (no entry yet, or a damaged one)."""
-        entry = self.entry(component, dtype, quantize)
-        model = self.read(entry, component, dtype, stream_blocks)
+        entry = self.entry(part, dtype, quantize)
+        model = self.read(entry, part, dtype, stream_blocks)
         if model is not None:
             return model, "its converted copy" + (", a block at a time" if stream_blocks else "")
         if make_room is not None:
             make_room()
-        model = self.snapshot.load(component, dtype, quantize=quantize, map_embedding=True)
-        return model, self.keep(entry, component, model)
+        model = self.snapshot.load(part, dtype, quantize=quantize, map_embedding=True)
+        return model, self.keep(entry, part, model)
 
-    def entry(self, component: str, dtype, quantize: dict | None) -> Path:
-        slot = self.slot(component, dtype, quantize)
-        return self.folder / f"{component}-{slot}-{source_identity(self.snapshot.root / component)}"
+    def entry(self, part: str, dtype, quantize: dict | None) -> Path:
+        slot = self.slot(part, dtype, quantize)
+        return self.folder / f"{part}-{slot}-{source_identity(self.snapshot.root / part)}"
 
-    def slot(self, component: str, dtype, quantize: dict | None) -> str:
+    def slot(self, part: str, dtype, quantize: dict | None) -> str:
         """What an entry is for (see the module docstring), hashed."""
-        what = [FORMAT_VERSION, str(self.snapshot.root.resolve()), component, str(dtype), quantize, mx.__version__]
+        what = [FORMAT_VERSION, str(self.snapshot.root.resolve()), part, str(dtype), quantize, mx.__version__]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
-    def read(self, entry: Path, component: str, dtype, stream_blocks: bool = False):
+    def read(self, entry: Path, part: str, dtype, stream_blocks: bool = False):
         """The model from `entry`, or None when there is none or it is damaged (then it is removed)."""
         try:
             manifest = read_manifest(entry)
             if manifest is None:
                 return None
             check_shards(entry, manifest["files"])
-            model = quantize_as_stored(self.snapshot.new_model(component), manifest["quantized"])
+            model = quantize_as_stored(self.snapshot.new_model(part), manifest["quantized"])
             weights, _ = read_weights(entry)
             stored = stored_tensors(entry)
-            keep_fp32 = Snapshot.keep_fp32(component, dtype)
-            if component == "text_encoder":
+            keep_fp32 = Snapshot.keep_fp32(part, dtype)
+            if part == "text_encoder":
                 leave_embedding_in_file(model, weights, stored, dtype, keep_fp32)
-            if component == "text_encoder" and stream_blocks:
+            if part == "text_encoder" and stream_blocks:
                 blocks = StreamedBlocks(model.encoder.config, stored, manifest["quantized"], dtype, keep_fp32)
                 model.encoder.pop("block")  # an nn.Module is a dict of its children
                 model.encoder.block = blocks  # a plain attribute: its tensors are no parameters of the model
@@ -115,14 +115,14 @@ class ConvertedWeights:
             shutil.rmtree(entry, ignore_errors=True)
         return None
 
-    def keep(self, entry: Path, component: str, model) -> str:
+    def keep(self, entry: Path, part: str, model) -> str:
         """Write `model` as `entry` when the conversion shrank it and the disk has room; returns the origin phrase.
         Never fails the load: the model is loaded already."""
         if isinstance(getattr(model, "shared", None), MappedEmbedding):
             return "the model's files"  # its table stayed in them as it runs: nothing of it was converted
         parameters = dict(tree_flatten(model.parameters()))
         size = sum(value.nbytes for value in parameters.values())
-        source_size = sum(path.stat().st_size for path in safetensors_files(self.snapshot.root / component))
+        source_size = sum(path.stat().st_size for path in safetensors_files(self.snapshot.root / part))
         if size > WORTH_KEEPING * source_size:
             return "the model's files"  # stored about as it runs: a copy would read about as many bytes
         try:
@@ -131,13 +131,13 @@ class ConvertedWeights:
                 shutil.rmtree(partial, ignore_errors=True)
             free = shutil.disk_usage(self.folder).free
             if free < size + KEEP_FREE_BYTES:
-                say_once(f"not enough disk space in {self.folder} to keep the converted {component} (it needs "
+                say_once(f"not enough disk space in {self.folder} to keep the converted {part} (it needs "
                          f"{size / 2**30:.2f} GiB and {KEEP_FREE_BYTES / 2**30:.0f} GiB left free, {free / 2**30:.2f} "
                          "GiB are free): it is converted from the model's files at each load, as before")
                 return "the model's files (no room on disk to keep a converted copy)"
-            write_folder(entry, parameters, {"component": component, "quantized": quantized_layers(model)})
+            write_folder(entry, parameters, {"component": part, "quantized": quantized_layers(model)})
         except (OSError, RuntimeError) as error:  # a full disk or no permission: loading from the files still works
-            say_once(f"could not keep the converted {component} in {self.folder} ({error}): it is converted from the "
+            say_once(f"could not keep the converted {part} in {self.folder} ({error}): it is converted from the "
                      "model's files at each load, as before")
             return "the model's files (the converted copy could not be written)"
         for older in self.folder.glob(entry.name.rsplit("-", 1)[0] + "-*"):  # the same slot, an older source

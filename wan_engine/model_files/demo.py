@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import string
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache_files import partial_name, stale_partials
+from .cache_files import cache_root, partial_name, stale_partials
 from ..models.config import TextEncoderConfig, TransformerConfig, VAEConfig
 from .weights import to_diffusers_layout
 
@@ -83,13 +82,6 @@ def build_tokenizer(vocab_size: int, path=None):
     if path is not None:
         wrapped.save_pretrained(path)
     return wrapped
-
-
-def cache_root() -> Path:
-    base = os.environ.get("WAN_STUDIO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wan-studio"
-    )
-    return Path(base)
 
 
 def random_weights(module, rng: np.random.Generator) -> dict:

@@ -11,7 +11,7 @@ import os
 
 import mlx.core as mx
 
-from .demo import cache_root
+from .cache_files import cache_root
 
 
 def keep_compiled_kernels() -> None:

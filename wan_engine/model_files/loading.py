@@ -1,14 +1,14 @@
-"""Reading a model folder: configs, tokenizer and the safetensors weights of each component.
+"""Reading a model folder: configs, tokenizer and the safetensors weights of each part.
 
-Three formats share the Diffusers folder layout (`model_index.json` plus one folder per component):
+Three formats share the Diffusers folder layout (`model_index.json` plus one folder per part):
 - a Diffusers snapshot (`Wan-AI/Wan2.2-TI2V-5B-Diffusers`): Diffusers key names, PyTorch layouts;
 - a Wan Studio package (`python -m wan_engine convert`): the same, in bfloat16, plus `wan_studio_package.json`
-  recording which components hold quantized linears (stored as MLX writes them: weight, scales, biases);
+  recording which parts hold quantized linears (stored as MLX writes them: weight, scales, biases);
 - an mlx-gen package (`mlxgen prepare`): its transformer/ and vae/ were written by MLX with mlx-gen's key names,
   channels-last, and say so in their safetensors header metadata; they have no config.json, so the TI2V-5B
   configs shipped in `configs/` apply unless the folder holds one.
 
-The weights are memory-mapped lazily by `mx.load` and cast while being assigned, so a component never exists in
+The weights are memory-mapped lazily by `mx.load` and cast while being assigned, so a part never exists in
 two copies (on-disk dtype and compute dtype) at once, except for the tensor being converted.
 """
 
@@ -28,7 +28,7 @@ from .weights import (
     TIED_COPIES, load_into, running_dtype, runs_as_stored, sanitize_mlxgen_transformer, sanitize_mlxgen_vae,
 )
 
-COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+PARTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 PACKAGE_RECORD = "wan_studio_package.json"
 PACKAGE_FORMAT = "wan-studio-package"
 PACKAGE_VERSION = 1
@@ -64,7 +64,7 @@ def check_safetensors(path: Path) -> dict:
 
 
 def safetensors_files(folder: Path) -> list[Path]:
-    """The shards of one component: those the index names, else every *.safetensors file in the folder (but
+    """The shards of one part: those the index names, else every *.safetensors file in the folder (but
     macOS's `._*` AppleDouble files, as mlx-gen skips them)."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
@@ -81,7 +81,7 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def read_weights(folder: Path) -> tuple[dict, dict]:
-    """name -> lazily loaded mx.array across every shard of a component, and the first shard's header metadata."""
+    """name -> lazily loaded mx.array across every shard of a part, and the first shard's header metadata."""
     files = safetensors_files(folder)
     headers = [check_safetensors(path) for path in files]
     weights = {}
@@ -98,7 +98,7 @@ def read_stored(stored: dict, names) -> dict:
 
 
 def stored_tensors(folder: Path) -> dict:
-    """name -> StoredTensor (file, offset, shape, dtype) of every tensor in a component's shards."""
+    """name -> StoredTensor (file, offset, shape, dtype) of every tensor in a part's shards."""
     found = {}
     for path in safetensors_files(folder):
         header = check_safetensors(path)
@@ -136,9 +136,9 @@ class Snapshot:
         index = snapshot.model_index
         if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
             raise WanError(f"{root} is a two-expert Wan2.2 model (A14B); only TI2V-style single-transformer models are supported")
-        for component in COMPONENTS:
-            if not (root / component).is_dir():
-                raise WanError(f"{root} is missing its {component}/ folder: the snapshot is incomplete")
+        for part in PARTS:
+            if not (root / part).is_dir():
+                raise WanError(f"{root} is missing its {part}/ folder: the snapshot is incomplete")
         if (root / PACKAGE_RECORD).is_file():
             snapshot.record = read_record(root / PACKAGE_RECORD)
         return snapshot
@@ -147,19 +147,19 @@ class Snapshot:
     def model_index(self) -> dict:
         return json.loads((self.root / "model_index.json").read_text())
 
-    def config(self, component: str, name: str = "config.json") -> dict:
-        path = self.root / component / name
+    def config(self, part: str, name: str = "config.json") -> dict:
+        path = self.root / part / name
         if path.is_file():
             return json.loads(path.read_text())
-        if self.uses_shipped_config(component):
-            return json.loads((SHIPPED_CONFIGS / f"{component}.json").read_text())
+        if self.uses_shipped_config(part):
+            return json.loads((SHIPPED_CONFIGS / f"{part}.json").read_text())
         raise WanError(f"{path} is missing: the snapshot is incomplete")
 
-    def uses_shipped_config(self, component: str) -> bool:
+    def uses_shipped_config(self, part: str) -> bool:
         """mlx-gen writes no config.json for the transformer and the VAE: Wan2.2-TI2V-5B's then apply."""
-        if (self.root / component / "config.json").is_file() or component not in MLXGEN_SANITIZERS:
+        if (self.root / part / "config.json").is_file() or part not in MLXGEN_SANITIZERS:
             return False
-        first_shard = safetensors_files(self.root / component)[0]
+        first_shard = safetensors_files(self.root / part)[0]
         return written_by_mlxgen(check_safetensors(first_shard).get("__metadata__", {}))
 
     @property
@@ -184,43 +184,39 @@ class Snapshot:
         DMD-distilled checkpoints (FastVideo picks its pipeline by this name: fastvideo/registry.py get_model_info)."""
         return self.model_index.get("_class_name")
 
-    @property
-    def expand_timesteps(self) -> bool:
-        return bool(self.model_index.get("expand_timesteps", False))
+    def quantization(self, part: str) -> dict:
+        """The package record's quantization of `part` ({"bits", "group_size", "mode"}), or None."""
+        return ((self.record or {}).get("quantization") or {}).get(part)
 
-    def quantization(self, component: str) -> dict:
-        """The package record's quantization of `component` ({"bits", "group_size", "mode"}), or None."""
-        return ((self.record or {}).get("quantization") or {}).get(component)
-
-    def new_model(self, component: str):
-        """The model of `component` (transformer, vae or text_encoder) with its config, lazily initialised: nothing is
+    def new_model(self, part: str):
+        """The model of `part` (transformer, vae or text_encoder) with its config, lazily initialised: nothing is
         computed or allocated until its weights are loaded."""
         from ..models.text_encoder import UMT5Encoder
         from ..models.transformer import WanTransformer
         from ..models.vae import WanVAE
 
-        if component == "transformer":
+        if part == "transformer":
             return WanTransformer(self.transformer_config)
-        if component == "vae":
+        if part == "vae":
             return WanVAE(self.vae_config)
         return UMT5Encoder(self.text_encoder_config)
 
     @staticmethod
-    def keep_fp32(component: str, dtype) -> tuple:
-        """Parameters of `component` that stay float32 when it runs in `dtype` (matched as substrings of names)."""
-        if component == "transformer":
+    def keep_fp32(part: str, dtype) -> tuple:
+        """Parameters of `part` that stay float32 when it runs in `dtype` (matched as substrings of names)."""
+        if part == "transformer":
             return TRANSFORMER_FP32_PARAMETERS
-        if component == "text_encoder" and dtype == mx.float16:
+        if part == "text_encoder" and dtype == mx.float16:
             return TEXT_ENCODER_FP16_KEEP_FP32
         return ()
 
-    def load(self, component: str, dtype, progress=None, quantize: dict = None, map_embedding: bool = False):
-        """`component`'s model in `dtype`. Linears stored quantized stay quantized; `quantize` ({"bits", "group_size"})
-        also quantizes the component's policy layers (quantize.POLICIES; the VAE has none) stored in full precision.
+    def load(self, part: str, dtype, progress=None, quantize: dict = None, map_embedding: bool = False):
+        """`part`'s model in `dtype`. Linears stored quantized stay quantized; `quantize` ({"bits", "group_size"})
+        also quantizes the part's policy layers (quantize.POLICIES; the VAE has none) stored in full precision.
         `map_embedding`: the text encoder's token table stays in the files when they hold it as it runs
         (mapped_embedding.py); not for a model whose parameters are written out (a package, a converted copy)."""
-        model = self.new_model(component)
-        return self._load(component, model, dtype, self.keep_fp32(component, dtype), progress, quantize,
+        model = self.new_model(part)
+        return self._load(part, model, dtype, self.keep_fp32(part, dtype), progress, quantize,
                           map_embedding)
 
     def load_transformer(self, dtype, progress=None, quantize: dict = None):
@@ -232,13 +228,13 @@ class Snapshot:
     def load_text_encoder(self, dtype, progress=None, quantize: dict = None):
         return self.load("text_encoder", dtype, progress, quantize)
 
-    def read(self, component: str) -> tuple[dict, dict, bool]:
-        """`component`'s weights in whichever format they are, lazily mapped, under our names; the first shard's
+    def read(self, part: str) -> tuple[dict, dict, bool]:
+        """`part`'s weights in whichever format they are, lazily mapped, under our names; the first shard's
         header metadata; and whether they are channels-last (written by MLX for mlx-gen)."""
-        weights, metadata = read_weights(self.root / component)
-        mlxgen = written_by_mlxgen(metadata) and component in MLXGEN_SANITIZERS
+        weights, metadata = read_weights(self.root / part)
+        mlxgen = written_by_mlxgen(metadata) and part in MLXGEN_SANITIZERS
         if mlxgen:
-            weights = MLXGEN_SANITIZERS[component](weights)
+            weights = MLXGEN_SANITIZERS[part](weights)
         return weights, metadata, mlxgen
 
     def reload_transformer_layers(self, model, weights: dict, dtype, channels_last: bool) -> None:
@@ -246,13 +242,13 @@ class Snapshot:
         gives them), converted exactly as `load_transformer` converts them: layout, dtype, quantization."""
         load_into(model, weights, dtype, TRANSFORMER_FP32_PARAMETERS, channels_last=channels_last, partial=True)
 
-    def _load(self, component, model, dtype, keep_fp32, progress, quantize=None, map_embedding=False):
-        """Read `component`'s weights in whichever format they are, give `model` the quantized layers they hold
+    def _load(self, part, model, dtype, keep_fp32, progress, quantize=None, map_embedding=False):
+        """Read `part`'s weights in whichever format they are, give `model` the quantized layers they hold
         (and those of its policy that `quantize` asks for), then load them."""
-        folder = self.root / component
-        layers = POLICIES.get(component)
-        weights, metadata, mlxgen = self.read(component)
-        bits = (self.quantization(component) or {}).get("bits")
+        folder = self.root / part
+        layers = POLICIES.get(part)
+        weights, metadata, mlxgen = self.read(part)
+        bits = (self.quantization(part) or {}).get("bits")
         if mlxgen:
             level = metadata.get("quantization_level", "None")
             bits = int(level) if level.isdigit() else None
@@ -267,14 +263,14 @@ class Snapshot:
             if quantize:
                 quantize_layers(model, layers, quantize["bits"], quantize.get("group_size", 64))
             stored = stored_tensors(folder)
-            if map_embedding and component == "text_encoder":
+            if map_embedding and part == "text_encoder":
                 leave_embedding_in_file(model, weights, stored, dtype, keep_fp32)
             if not quantize and not mlxgen and runs_as_stored(weights, dtype, keep_fp32):
                 weights = read_stored(stored, weights)  # nothing to convert: read by several threads at once
             return load_into(model, weights, dtype, keep_fp32, progress, channels_last=mlxgen)
         except ValueError as e:
             hint = ""
-            if self.uses_shipped_config(component):
+            if self.uses_shipped_config(part):
                 hint = (f" ({folder} has no config.json, so Wan2.2-TI2V-5B's was used: add the config.json of the "
                         "model this package was made from)")
             raise WanError(f"{folder} does not fit its model: {e}{hint}") from None

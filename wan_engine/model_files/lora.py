@@ -11,7 +11,7 @@ peft.py) tells three layouts apart by their keys, and so do we:
 - otherwise diffusers / PEFT: `transformer.blocks.0.attn1.to_q.lora_A.weight`, `.lora_B.weight`, `.lora_B.bias`
   (and diffusers' older `.lora.down` / `.to_q_lora.up` names). The file's `lora_adapter_metadata` (peft's LoraConfig:
   r, lora_alpha, rank and alpha patterns, rsLoRA) scales each layer by alpha / r; without it the scale is 1.
-Keys that diffusers drops are dropped here too and counted in the load message: other components' (`text_encoder.`),
+Keys that diffusers drops are dropped here too and counted in the load message: other parts' (`text_encoder.`),
 DoRA's `dora_scale`, the full `.diff` updates above, `time_projection` biases of a file without its LoRA weights.
 Anything else that maps onto no layer of this transformer, or does not fit it, is refused with a `WanError`
 naming the file and the key, before any weight changes.
@@ -247,7 +247,7 @@ def diffusers_entry(key: str):
         raise UnreadableKey("is not a LoRA key (diffusers' Wan loader wants 'lora' in every key)")
     key = rename_key(key, OLD_DIFFUSERS_LORA_NAMES)
     if not key.startswith("transformer.") or "dora_scale" in key:
-        return IGNORED  # another component's, or DoRA's scale, which diffusers drops
+        return IGNORED  # another part's, or DoRA's scale, which diffusers drops
     if "lora_magnitude_vector" in key:
         raise UnreadableKey("belongs to a DoRA adapter: only LoRA updates are fused here")
     match = re.fullmatch(r"transformer\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)", key)

@@ -1,7 +1,7 @@
 """Writing a Wan Studio package: `python -m wan_engine convert --model SRC --output DIR --quantize {bf16,q8,q4}`.
 
 A package is a Diffusers-layout folder that `Snapshot.open` reads like any snapshot: `model_index.json`,
-`scheduler/` and `tokenizer/` copied, each component's `config.json`, its weights as safetensors shards (with an
+`scheduler/` and `tokenizer/` copied, each part's `config.json`, its weights as safetensors shards (with an
 index when there are several) in bfloat16 with Diffusers key names and PyTorch layouts, and the record
 `wan_studio_package.json`. Linears that the quantization policy (quantize.py) picks are stored as MLX packs them:
 `X.weight` (uint32), `X.scales`, `X.biases`, and their ordinary `X.bias`.
@@ -26,7 +26,7 @@ from .quantize import BITS, POLICIES, is_quantized, quantization, quantize_layer
 from .weights import to_diffusers_layout
 
 QUANTIZE_CHOICES = ("bf16", *BITS)
-SHARD_BYTES = 2 * 2**30  # as mlx-gen and Diffusers split large components
+SHARD_BYTES = 2 * 2**30  # as mlx-gen and Diffusers split large parts
 WEIGHTS_STEM = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 COPIED = ("model_index.json", "scheduler", "tokenizer")
 SLACK_BYTES = 2**20  # headers, index and config files
@@ -42,7 +42,7 @@ def quantization_plan(quantize: str, quantize_text_encoder: bool) -> dict:
 
 def build_models(source: Snapshot) -> dict:
     """component -> its model, lazily initialised (nothing is computed or allocated until evaluated)."""
-    return {component: source.new_model(component) for component in ("transformer", "vae", "text_encoder")}
+    return {part: source.new_model(part) for part in ("transformer", "vae", "text_encoder")}
 
 
 def stored_bytes(value: mx.array) -> int:
@@ -54,9 +54,9 @@ def estimate_bytes(source: Snapshot, plan: dict) -> int:
     """The package's size, from the shapes of the lazily built, quantized models (no weight is read)."""
     models = build_models(source)
     total = SLACK_BYTES
-    for component, model in models.items():
-        if plan.get(component):
-            quantize_layers(model, POLICIES[component], plan[component]["bits"], plan[component]["group_size"])
+    for part, model in models.items():
+        if plan.get(part):
+            quantize_layers(model, POLICIES[part], plan[part]["bits"], plan[part]["group_size"])
         total += sum(stored_bytes(value) for _, value in tree_flatten(model.parameters()))
     for name in COPIED:
         path = source.root / name
@@ -112,19 +112,19 @@ def write_weights(tensors: dict, folder: Path, stem: str, progress=None) -> None
         (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def load_for_package(source: Snapshot, component: str, plan: dict, progress):
-    """The component's model in bfloat16, quantized as `plan` says (from full precision or as stored)."""
-    wanted = plan.get(component)
-    if component == "vae":
+def load_for_package(source: Snapshot, part: str, plan: dict, progress):
+    """The part's model in bfloat16, quantized as `plan` says (from full precision or as stored)."""
+    wanted = plan.get(part)
+    if part == "vae":
         model = source.load_vae(mx.bfloat16, progress)
-    elif component == "transformer":
+    elif part == "transformer":
         model = source.load_transformer(mx.bfloat16, progress, wanted)
     else:
         model = source.load_text_encoder(mx.bfloat16, progress, wanted)
     bits = {layer.bits for _, layer in model.named_modules() if is_quantized(layer)}
     if bits and bits != {(wanted or {}).get("bits")}:
         raise WanError(
-            f"{source.root / component} is already quantized ({', '.join(f'{b}-bit' for b in sorted(bits))}): "
+            f"{source.root / part} is already quantized ({', '.join(f'{b}-bit' for b in sorted(bits))}): "
             "convert from the full-precision model for another quantization"
         )
     return model
@@ -136,11 +136,11 @@ def write_package(source: Snapshot, folder: Path, plan: dict, source_name: str, 
     def report(stage: str):
         return (lambda done, total: progress(stage, done, total)) if progress else None
 
-    for component in ("transformer", "vae", "text_encoder"):
-        model = load_for_package(source, component, plan, report(f"read {component}"))
-        (folder / component).mkdir()
-        (folder / component / "config.json").write_text(json.dumps(source.config(component), indent=2))
-        write_weights(package_tensors(model), folder / component, WEIGHTS_STEM[component], report(f"write {component}"))
+    for part in ("transformer", "vae", "text_encoder"):
+        model = load_for_package(source, part, plan, report(f"read {part}"))
+        (folder / part).mkdir()
+        (folder / part / "config.json").write_text(json.dumps(source.config(part), indent=2))
+        write_weights(package_tensors(model), folder / part, WEIGHTS_STEM[part], report(f"write {part}"))
         del model
         gc.collect()
         mx.clear_cache()

@@ -31,7 +31,7 @@ POLICIES = {"transformer": TRANSFORMER_LAYERS, "text_encoder": TEXT_ENCODER_LAYE
 
 
 def quantization(bits: int, group_size: int = 64) -> dict:
-    """The record of one component's quantization, as packages store it and as loaders take it."""
+    """The record of one part's quantization, as packages store it and as loaders take it."""
     return {"bits": bits, "group_size": group_size, "mode": MODE}
 
 

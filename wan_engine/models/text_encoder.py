@@ -16,7 +16,6 @@ import mlx.nn as nn
 import regex  # diffusers cleans prompts with `regex`, whose `\s` differs from `re`'s (e.g. U+001C-U+001F)
 
 from .config import TextEncoderConfig
-from ..model_files.tokenizer import PromptTokenizer
 
 try:  # diffusers fixes mojibake with ftfy only when it is installed; so do we
     import ftfy
@@ -224,16 +223,16 @@ class UMT5Encoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompt encoding
+# Prompt encoding. `tokenizer`: a model_files.tokenizer.PromptTokenizer (its `count` and `batch`).
 
 
-def count_tokens(tokenizer: PromptTokenizer, prompt: str) -> int:
+def count_tokens(tokenizer, prompt: str) -> int:
     """How many tokens `prompt` has after cleaning, with its end-of-text token, before any cut to the model's
     length (encode_prompts keeps the first max_length)."""
     return tokenizer.count(prompt_clean(prompt))
 
 
-def encode_prompts(model: UMT5Encoder, tokenizer: PromptTokenizer, prompts: list[str],
+def encode_prompts(model: UMT5Encoder, tokenizer, prompts: list[str],
                    max_length: int = 512) -> mx.array:
     """diffusers' `WanPipeline._get_t5_prompt_embeds`: (B, max_length, d_model) embeddings, zero past each prompt."""
     input_ids, mask = (mx.array(a) for a in tokenizer.batch([prompt_clean(p) for p in prompts], max_length))

@@ -10,9 +10,10 @@ denoising steps (the pipeline calls the model twice per step):
     context = model.cross_attention_kv(model.embed_text(text))  # each block's cross-attention keys / values
     velocity = model(latents, timestep, context, rope)          # per step; timestep (B,) or (B, F)
 
-In a group of processes (wan_engine.parallel.group) the call takes a sharding hint, `shard`, that splits each timestep
-group's tokens among the processes: each runs the blocks on its own tokens (with their own rotary positions),
-self-attention gathers every process's keys and values, and the output is gathered whole.
+Alone, every token is the process's own (`AllTokens`). In a group of processes `model.shard(tokens)` swaps in the
+group's token share (wan_engine.parallel.share.TokenShare), with the same methods: each process runs the blocks on
+its own tokens of each timestep group (with their own rotary positions), self-attention gathers every process's keys
+and values, and the output is gathered whole. The forward passes are the same code either way.
 
 Dtypes follow diffusers exactly: the compute dtype (`model.dtype`) is the patch embedding's weight dtype, while
 layer norms, the adaLN modulation (`scale_shift_table` + timestep projection) and the residual updates around
@@ -20,7 +21,6 @@ self-attention and the feed-forward run in float32, then cast back.
 """
 
 import math
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -112,8 +112,32 @@ class WanTimeTextImageEmbedding(nn.Module):
         return temb, self.time_proj(nn.silu(temb))
 
 
+class AllTokens:
+    """The token layout of a process alone: all tokens are its own, so nothing is split or gathered."""
+
+    def own(self, x: mx.array, rope: tuple) -> tuple:
+        """(B, groups, tokens, dim) and the rotary tables -> this process's tokens and their tables."""
+        return x, rope
+
+    def gather_keys(self, keys: mx.array) -> mx.array:
+        """(B, own tokens, heads, head_dim) -> those of every process's tokens."""
+        return keys
+
+    def gather_tokens(self, x: mx.array) -> mx.array:
+        """(B, groups, own tokens, C) -> (B, groups, tokens, C)."""
+        return x
+
+    def block_done(self) -> None:
+        """A block's work (or one of its residual steps) was evaluated."""
+
+
+ALL_TOKENS = AllTokens()
+
+
 class WanAttention(nn.Module):
     """diffusers `WanAttention` + `WanAttnProcessor`: q/k RMS-normed across all heads, 3-D RoPE in self-attention."""
+
+    tokens = ALL_TOKENS  # self-attention's token layout: WanTransformer.shard sets a group's
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -130,23 +154,22 @@ class WanAttention(nn.Module):
         """(B, ..., dim) -> (B, L, heads, head_dim), flattening all token axes into L."""
         return x.reshape(x.shape[0], -1, self.heads, x.shape[-1] // self.heads)
 
-    def key_value(self, states: mx.array, rope: tuple = None, shard=None) -> tuple:
-        """Keys and values (B, heads, L, head_dim) of `states`; cross-attention computes these once per run. With
-        a `shard`, those of all the processes' tokens."""
+    def key_value(self, states: mx.array, rope: tuple = None) -> tuple:
+        """Keys and values (B, heads, L, head_dim) of `states` (of every process's tokens, in a group's
+        self-attention); cross-attention computes these once per run."""
         k, v = self._heads(self.norm_k(self.to_k(states))), self._heads(self.to_v(states))
         if rope is not None:
             k = apply_rope(k, *rope)
-        if shard is not None:
-            k, v = shard.gather_keys(k), shard.gather_keys(v)
+        k, v = self.tokens.gather_keys(k), self.tokens.gather_keys(v)
         return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, kv: tuple = None, rope: tuple = None, shard=None) -> mx.array:
-        """Self-attention over x's tokens (with `rope`; with a `shard`, x's queries over every process's tokens),
-        or cross-attention to precomputed `kv`. Keeps x's shape."""
+    def __call__(self, x: mx.array, kv: tuple = None, rope: tuple = None) -> mx.array:
+        """Self-attention over x's tokens (with `rope`; in a group, x's queries over every process's tokens), or
+        cross-attention to precomputed `kv`. Keeps x's shape."""
         q = self._heads(self.norm_q(self.to_q(x)))
         if rope is not None:
             q = apply_rope(q, *rope)
-        k, v = self.key_value(x, rope, shard) if kv is None else kv
+        k, v = self.key_value(x, rope) if kv is None else kv
         out = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k, v, scale=self.scale)
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(x.shape))
 
@@ -189,17 +212,16 @@ class WanTransformerBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps)
         self.scale_shift_table = mx.zeros((1, 6, dim))
 
-    def __call__(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple, shard=None) -> mx.array:
+    def __call__(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         """x (B, G, N, dim): tokens grouped by timestep (G = 1, or one per frame); timestep_proj (B, G, 6, dim)."""
-        for step in self.steps(shard):
+        for step in self.steps():
             x = step(x, timestep_proj, kv, rope)
         return x
 
-    def steps(self, shard=None) -> tuple:
+    def steps(self) -> tuple:
         """The block's three residual steps, each (x, timestep_proj, kv, rope) -> x; a low-memory run evaluates
-        after each one. Self-attention is bound to the `shard` of a group's run."""
-        self_attention = self.self_attention if shard is None else partial(self.self_attention, shard=shard)
-        return self_attention, self.cross_attention, self.feed_forward
+        after each one."""
+        return self.self_attention, self.cross_attention, self.feed_forward
 
     def modulation(self, timestep_proj: mx.array, first: int) -> list:
         """Three of the six adaLN terms from `first` on: (shift, scale, gate) of self-attention (0) or of the
@@ -208,10 +230,10 @@ class WanTransformerBlock(nn.Module):
         # only the three terms used are split off: mx.compile fails on a split whose outputs are not all used
         return mx.split(modulation[:, :, first:first + 3], 3, axis=2)
 
-    def self_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple, shard=None) -> mx.array:
+    def self_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         shift, scale, gate = self.modulation(timestep_proj, 0)
         norm_x = (self.norm1(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
-        return (x.astype(mx.float32) + self.attn1(norm_x, rope=rope, shard=shard) * gate).astype(x.dtype)
+        return (x.astype(mx.float32) + self.attn1(norm_x, rope=rope) * gate).astype(x.dtype)
 
     def cross_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         # diffusers adds this residual in the compute dtype, not float32
@@ -246,7 +268,8 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, config.eps)
         self.proj_out = nn.Linear(dim, out_channels)
         self.scale_shift_table = mx.zeros((1, 2, dim))
-        self._compiled_blocks = None  # set by compile(): sharding hint (None alone) -> each block's compiled steps
+        self.tokens = ALL_TOKENS  # whose tokens this process runs: all of them, or a group's share (`shard`)
+        self._compiled_blocks = None  # set by compile(): token layout -> each block's compiled steps
         # True: blocks run one ahead (fastest, two blocks' activations); False: each residual step of a block is
         # evaluated on its own (least memory). Set before compile().
         self.block_lookahead = True
@@ -259,22 +282,27 @@ class WanTransformer(nn.Module):
     def compile(self) -> None:
         """Run each block (or, without `block_lookahead`, each of its residual steps) as an `mx.compile`d graph: its
         many float32 elementwise steps (modulation, norms, gates, residuals) fuse into few kernels. The weights are
-        captured as constants, so call this after loading. A group's runs compile theirs on first use."""
+        captured as constants, so call this after loading. A group's token shares compile theirs on first use."""
         self._compiled_blocks = {}
 
-    def _block_steps(self, block: WanTransformerBlock, shard) -> tuple:
-        if self.block_lookahead:
-            return (block,) if shard is None else (partial(block, shard=shard),)
-        return block.steps(shard)
+    def shard(self, tokens=None) -> None:
+        """Run the tokens of `tokens`, a group's token share (wan_engine.parallel.share.TokenShare), from the next
+        call on; None: all of them again."""
+        self.tokens = tokens or ALL_TOKENS
+        for block in self.blocks:
+            block.attn1.tokens = self.tokens
 
-    def _steps(self, shard) -> list:
-        """Each block's steps for this sharding hint, compiled when compile() was called."""
+    def _block_steps(self, block: WanTransformerBlock) -> tuple:
+        return (block,) if self.block_lookahead else block.steps()
+
+    def _steps(self) -> list:
+        """Each block's steps, compiled (once per token layout: the graphs hold its exchanges) after compile()."""
         if self._compiled_blocks is None:
-            return [self._block_steps(block, shard) for block in self.blocks]
-        if shard not in self._compiled_blocks:
-            self._compiled_blocks[shard] = [[mx.compile(step) for step in self._block_steps(block, shard)]
-                                            for block in self.blocks]
-        return self._compiled_blocks[shard]
+            return [self._block_steps(block) for block in self.blocks]
+        if self.tokens not in self._compiled_blocks:
+            self._compiled_blocks[self.tokens] = [[mx.compile(step) for step in self._block_steps(block)]
+                                                  for block in self.blocks]
+        return self._compiled_blocks[self.tokens]
 
     def _token_grid(self, num_frames: int, height: int, width: int) -> tuple:
         p_t, p_h, p_w = self.config.patch_size
@@ -296,14 +324,13 @@ class WanTransformer(nn.Module):
         """Context (B, L, dim) from `embed_text` -> each block's cross-attention (key, value), (B, heads, L, hd)."""
         return [block.attn2.key_value(context) for block in self.blocks]
 
-    def __call__(self, latents: mx.array, timestep: mx.array, context, rope: tuple, shard=None) -> mx.array:
+    def __call__(self, latents: mx.array, timestep: mx.array, context, rope: tuple) -> mx.array:
         """One denoiser evaluation.
 
         latents: (B, F, H, W, in_channels). timestep: (B,) one per sample, or (B, F // p_t) one per latent frame
         (diffusers' per-token `expand_timesteps` input is constant within a frame, so the timestep embedding and the
         modulation are computed per frame and broadcast over its tokens). context: `cross_attention_kv(...)` output,
-        or the `embed_text(...)` array. rope: `self.rope(F, H, W)`. shard: a group's sharding hint
-        (wan_engine.parallel.group.TokenShard) or None.
+        or the `embed_text(...)` array. rope: `self.rope(F, H, W)`.
         Returns (B, F, H, W, out_channels) in the compute dtype.
         """
         dtype = self.dtype
@@ -322,35 +349,31 @@ class WanTransformer(nn.Module):
         timestep_proj = timestep_proj.reshape(*timestep.shape, 6, -1)  # (B, G, 6, dim)
 
         x = x.reshape(batch, groups, -1, x.shape[-1])  # (B, G, tokens per group, dim)
-        if shard is not None:  # this process's tokens of each group, and their rotary positions
-            x, rope = shard.split(x), shard.split_rope(rope)
+        x, rope = self.tokens.own(x, rope)  # this process's tokens of each group, and their rotary positions
         # Evaluate piece by piece: a GPU backend keeps every intermediate buffer of the work it was given until that
         # work completes, so one graph of all blocks would hold all their activations (16 GiB at 1280x704x17). With
         # `block_lookahead` the next block is queued while one runs (two blocks' worth, no idle GPU); without, each
         # residual step is evaluated on its own (the largest step's worth).
-        # In a group, each evaluation holds this process's key / value exchange: the shard hears of its progress.
+        # In a group, each evaluation holds this process's key / value exchange: the token share hears of its progress.
         pending = None
-        for steps, kv in zip(self._steps(shard), context):
+        for steps, kv in zip(self._steps(), context):
             for step in steps:
                 x = step(x, timestep_proj, kv, rope)
                 if not self.block_lookahead:
                     mx.eval(x)
-                    if shard is not None:
-                        shard.progress()
+                    self.tokens.block_done()
             if self.block_lookahead:
                 mx.async_eval(x)
                 if pending is not None:
                     mx.eval(pending)
-                    if shard is not None:
-                        shard.progress()
+                    self.tokens.block_done()
                 pending = x
 
         # Output norm with the final float32 modulation, projection, unpatchify
         shift, scale = mx.split(self.scale_shift_table.astype(mx.float32) + temb[:, :, None], 2, axis=2)
         x = (self.norm_out(x.astype(mx.float32)) * (1 + scale) + shift).astype(dtype)
         x = self.proj_out(x)
-        if shard is not None:
-            x = shard.gather_tokens(x)
+        x = self.tokens.gather_tokens(x)
 
         p_t, p_h, p_w = self.config.patch_size
         x = x.reshape(batch, f, h, w, p_t, p_h, p_w, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)

@@ -181,7 +181,7 @@ class WanVAE(nn.Module):
         return mx.concatenate(means, axis=1)
 
     def decode_chunks(self, z: mx.array, frame_by_frame: bool = False, strip_width: int | None = None,
-                      part: tuple[int, int] | None = None) -> Iterator[tuple[int, int, mx.array | None]]:
+                      share: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, int, mx.array | None]]:
         """z (B, t, h, w, z_dim), unnormalized -> the video, one chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1]
         (T_0 = 1 and T_i = 4 after it for Wan's VAEs: 1 + 4 (t - 1) frames in all). Yields (done, total, chunk)
         after each piece of work, `chunk` None until one is complete; each is evaluated, so between items the
@@ -199,14 +199,14 @@ class WanVAE(nn.Module):
         `frame_by_frame`: after each temporal upsampling the frames go on one at a time (WanDecoder3d), the last
         stage op by op: the same numbers with less memory.
 
-        `part` = (index, count): the processes of a group decode one part each. The strips are laid out in a
+        `share` = (index, count): the processes of a group decode one share each. The strips are laid out in a
         multiple of `count` (`strip_layout`) and this call decodes the `index`-th run of them, left to right, its
-        chunks holding only those columns: the parts' chunks side by side are the whole video's.
+        chunks holding only those columns: the shares' chunks side by side are the whole video's.
         """
         decoder, p = self.decoder, self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
         width = x.shape[3]
-        index, count = part or (0, 1)
+        index, count = share
         strips = strip_layout(width, strip_width, decoder.strip_margin, count)
         strips = strips[index * len(strips) // count : (index + 1) * len(strips) // count]
         stages = len(decoder.stages) if frame_by_frame else 1

@@ -26,10 +26,12 @@ def flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000, f
     return timesteps, np.concatenate([sigmas, [last]]).astype(np.float32)
 
 
-class FlowEulerScheduler:
+class EulerSampler:
     """First-order flow matching: x <- x + (sigma_next - sigma) * velocity."""
 
     order = 1
+    description = "simpler, needs more steps"
+    few_step = False  # a full-length sampler: Wan's steps and guidance
 
     def __init__(self, num_steps: int, shift: float, config: SchedulerConfig):
         self.timesteps, self.sigmas = flow_sigmas(num_steps, shift, config.num_train_timesteps)
@@ -48,9 +50,12 @@ def _lambda(sigma: np.float32) -> np.float32:
         return np.log(np.float32(1) - sigma) - np.log(sigma)
 
 
-class FlowUniPCScheduler:
+class UniPCSampler:
     """diffusers' UniPC multistep solver (predict_x0, flow_prediction): a predictor of order up to
     `solver_order` and a corrector (UniC) that reuses the next model output, bh1 or bh2 variant."""
+
+    description = "Wan's default"
+    few_step = False
 
     def __init__(self, num_steps: int, shift: float, config: SchedulerConfig):
         unsupported = config.prediction_type != "flow_prediction" or not config.use_flow_sigmas or not config.predict_x0
@@ -133,7 +138,7 @@ class FlowUniPCScheduler:
         return prev_sample
 
 
-# FastVideo's DMD sampling, the spec of FlowDMDScheduler (fastvideo 0.2.1 = hao-ai-lab/FastVideo 2f3d407):
+# FastVideo's DMD sampling, the spec of DMDSampler (fastvideo 0.2.1 = hao-ai-lab/FastVideo 2f3d407):
 # fastvideo/pipelines/stages/denoising.py `DmdDenoisingStage` (lines 1250-1409), with `pred_noise_to_pred_video`
 # (fastvideo/models/utils.py 138-175) and `FlowMatchEulerDiscreteScheduler.__init__` / `add_noise`
 # (fastvideo/models/schedulers/scheduling_flow_match_euler_discrete.py 112-161, 601-635).
@@ -159,7 +164,7 @@ def dmd_sigma_table(shift: float, num_train_timesteps: int = 1000):
     return sigmas * num_train_timesteps, sigmas
 
 
-class FlowDMDScheduler:
+class DMDSampler:
     """Few-step sampling of a DMD-distilled model, as FastVideo's DmdDenoisingStage: at each timestep the flow
     prediction v gives a clean estimate x0 = x_t - sigma_t * v, which is noised again to the next timestep's level
     with fresh noise, x = (1 - sigma_next) * x0 + sigma_next * noise; the last step returns x0. Each timestep's sigma
@@ -167,6 +172,8 @@ class FlowDMDScheduler:
     along that grid). The fresh noise comes from `key`, split once per draw: one seed, one video."""
 
     order = 1
+    description = "few-step distilled sampling (FastVideo's)"
+    few_step = True  # made for DMD-distilled models: a few steps, no guidance
 
     def __init__(self, num_steps: int, shift: float, config: SchedulerConfig, key: mx.array):
         self.timesteps = dmd_timesteps(num_steps, config.num_train_timesteps)
@@ -193,19 +200,19 @@ class FlowDMDScheduler:
         return (1 - sigma_next).item() * clean + sigma_next.item() * self.fresh_noise(sample.shape)
 
 
-SAMPLERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler, "dmd": FlowDMDScheduler}
+SAMPLERS = {"unipc": UniPCSampler, "euler": EulerSampler, "dmd": DMDSampler}
 
 
 def sampler_defaults(name: str, config: SchedulerConfig) -> dict:
     """What sampler `name` runs with when a request leaves steps, guidance or shift unset. DMD: the distilled
     model's three steps without guidance (FastVideo's DMD stage runs the prompt alone), and FastVideo's table shift;
     the others: Wan2.2's 50 steps, guidance 5 and the scheduler config's flow shift."""
-    if name == "dmd":
+    if name in SAMPLERS and SAMPLERS[name].few_step:  # an unknown name is refused by the request's checks
         return {"sampler": name, "steps": len(DMD_TIMESTEPS), "guidance": 1.0, "shift": DMD_SHIFT}
     return {"sampler": name, "steps": 50, "guidance": 5.0, "shift": config.flow_shift}
 
 
-def make_scheduler(name: str, num_steps: int, shift: float, config: SchedulerConfig, noise_key: mx.array | None = None):
+def make_sampler(name: str, num_steps: int, shift: float, config: SchedulerConfig, noise_key: mx.array | None = None):
     """A sampler; `noise_key` is the key of DMD's fresh noise (the other samplers draw none)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
@@ -214,5 +221,5 @@ def make_scheduler(name: str, num_steps: int, shift: float, config: SchedulerCon
     if not math.isfinite(shift) or shift <= 0:
         raise ValueError(f"shift must be a positive number, got {shift}")
     if name == "dmd":
-        return FlowDMDScheduler(num_steps, shift, config, noise_key)
+        return DMDSampler(num_steps, shift, config, noise_key)
     return SAMPLERS[name](num_steps, shift, config)
