@@ -223,3 +223,21 @@ def test_loras_from_the_folder_are_fused_recorded_and_a_bad_one_is_refused(clien
         client.predict(api_name="/text_to_video", loras=["broken.safetensors"], **arguments)
     again = run(client, "/text_to_video", loras=[], **arguments)[-1]
     assert np.array_equal(read_video(again[0])[0], read_video(plain[0])[0])  # the model is as it was
+
+
+def test_the_api_takes_the_sampler_and_the_step_cache(client, app_server):
+    """`sampler` and `cache` are parameters of both endpoints: Balanced's MagCache skips steps and says so."""
+    updates = run(client, "/text_to_video", prompt="a cached kite", width=96, height=64, frames=5, steps=20, seed=61,
+                  sampler="euler", cache="magcache")
+    assert any("blocks skipped (MagCache)" in update[3] for update in updates[:-1])
+    settings = updates[-1][2]
+    assert settings["sampler"] == "euler" and settings["steps"] == 20
+    cache = json.loads(next(app_server.output_dir.glob("wan-*-61.json")).read_text())["cache"]
+    assert cache["kind"] == "magcache" and (cache["threshold"], cache["max_skip"], cache["retention"]) == (0.06, 2, 0.2)
+    assert cache["skipped_steps"] > 0 and cache["computed_steps"] + cache["skipped_steps"] == 20
+    with pytest.raises(AppError, match=re.escape("'teacache' (type: <class 'str'>) is not in the list of choices: "
+                                                 "['none', 'magcache']")):
+        client.predict(api_name="/text_to_video", prompt="x", width=96, height=64, frames=5, steps=2, cache="teacache")
+    with pytest.raises(AppError, match="the magcache cache is not allowed with the dmd sampler"):
+        client.predict(api_name="/text_to_video", prompt="x", width=96, height=64, frames=5, steps=3, guidance=1.0,
+                       sampler="dmd", cache="magcache")

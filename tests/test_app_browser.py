@@ -144,7 +144,7 @@ def test_sampler_memory_preset_and_preview_switch_reach_the_run(page):
 
 
 def test_the_fast_speed_sets_three_steps_without_guidance_and_reaches_the_run(page, screenshots):
-    page.get_by_label("Fast, 3 steps").check()
+    page.get_by_label("Fast (3 steps)").check()
     page.get_by_text("Advanced: steps").click()
     expect(visible(page.get_by_label("range slider for Steps", exact=True))).to_have_value("3")
     expect(visible(page.get_by_label("range slider for Guidance", exact=True))).to_have_value("1")
@@ -174,3 +174,25 @@ def test_a_lora_picked_from_the_folder_reaches_the_run(page, app_server):
     generate_and_wait(page)
     page.get_by_text("Settings of this video (JSON)").click()
     expect(page.locator("#result-settings")).to_contain_text("watercolour.safetensors")
+
+
+def test_the_balanced_speed_caches_steps_and_the_history_puts_it_back(page, app_server):
+    page.get_by_label("Balanced (MagCache, about 2x)").check()
+    page.get_by_text("Sampler, memory and live preview").click()
+    expect(page.get_by_label("unipc")).to_be_checked()
+    expect(page.get_by_label("magcache", exact=True)).to_be_checked()
+    visible(page.get_by_label("Prompt", exact=True)).fill("a balanced lighthouse")
+    page.get_by_text("Advanced: steps").click()
+    set_slider(page, "Steps", 20)
+    generate_and_wait(page)
+    page.get_by_text("Settings of this video (JSON)").click()
+    expect(page.locator("#result-settings")).to_contain_text('"magcache"')
+    page.get_by_label("Quality (50 steps)").check()
+    expect(page.get_by_label("none", exact=True)).to_be_checked()
+    newest = page.get_by_role("button", name=re.compile(r"^Thumbnail 1 of"))
+    expect(newest).to_be_visible(timeout=15_000)
+    newest.click()
+    expect(page.get_by_text("a balanced lighthouse").first).to_be_visible()
+    page.get_by_role("button", name="Use these settings").click()
+    expect(page.get_by_label("Balanced (MagCache, about 2x)")).to_be_checked()
+    expect(page.get_by_label("magcache", exact=True)).to_be_checked()

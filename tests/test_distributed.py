@@ -40,6 +40,8 @@ BAR = 1e-5  # max abs against one process; we measure ~2e-6
 MLX_LAUNCH = shutil.which("mlx.launch")
 TIMEOUT_S = 60  # the group's default: a dead or hung process is noticed within it
 PROMPT, NEGATIVE = "a red fox runs through fresh snow", "blurry, static"
+MAGCACHE = dict(cache="magcache", cache_threshold=0.1, cache_max_skip=2, cache_retention=0.25,
+                cache_ratios=[1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93])  # skips 4 of 8 steps
 
 # name: (snapshot, preset, request)
 CASES = {
@@ -51,12 +53,16 @@ CASES = {
                                                         seed=5, image=True)),
     # a distillation LoRA's use: the base model, a LoRA (which every process fuses) and the dmd sampler
     "lora-dmd": ("small", "normal", dict(width=96, height=64, frames=9, sampler="dmd", seed=6, lora=True)),
+    # MagCache: every process takes the same plan; sequence-parallel processes keep their own tokens' residuals
+    "magcache": ("small", "normal", dict(width=96, height=64, frames=9, steps=8, guidance=5.0, seed=7, **MAGCACHE)),
+    "magcache-low-ram-no-guidance": ("wide", "low-ram", dict(width=128, height=64, frames=5, steps=8, guidance=1.0,
+                                                             seed=8, **MAGCACHE)),
 }
 LAYOUTS = {  # processes -> case -> the layout the sidecar records
     2: {"t2v": (2, 1), "t2v-no-guidance": (1, 2), "i2v": (2, 1), "low-ram": (2, 1), "low-ram-i2v-no-guidance": (1, 2),
-        "lora-dmd": (1, 2)},
+        "lora-dmd": (1, 2), "magcache": (2, 1), "magcache-low-ram-no-guidance": (1, 2)},
     4: {"t2v": (2, 2), "t2v-no-guidance": (1, 4), "i2v": (2, 2), "low-ram": (2, 2), "low-ram-i2v-no-guidance": (1, 4),
-        "lora-dmd": (1, 4)},
+        "lora-dmd": (1, 4), "magcache": (2, 2), "magcache-low-ram-no-guidance": (1, 4)},
 }
 
 
@@ -184,6 +190,8 @@ def test_frames_from_a_group_equal_one_process(processes, snapshots, inputs, one
         assert frames.shape == one_process[case].shape
         assert np.abs(frames - one_process[case]).max() < BAR, case
         assert np.abs(frames).max() > 0.1
+        if case.startswith("magcache"):
+            assert outcome["sidecar"]["cache"] | {"computed_steps": 4, "skipped_steps": 4} == outcome["sidecar"]["cache"]
     if processes == 2:
         assert json.loads((out / "cancel-denoise.json").read_text()) == {"cancelled_after": ["denoise", 1]}
         assert json.loads((out / "close-denoise.json").read_text()) == {"closed_at": ["denoise", 2]}

@@ -87,7 +87,9 @@ def test_steps_match_fastvideo_on_a_toy_field(steps, shift, monkeypatch):
 
 
 CASES = {
-    # name: (snapshot, width, height, frames, steps, image)
+    # name: (snapshot, width, height, frames, steps, image). FastVideo's DMD pipeline ignores an input picture: the
+    # image cases check our own image to video with dmd, the reference conditioning frame 0 as TI2V's DenoisingStage
+    # does and sampling as the DMD stage does.
     "t2v": ("small", 96, 64, 9, 3, False),
     "i2v": ("small", 96, 64, 13, 3, True),
     "t2v-wide-4-steps": ("wide", 64, 96, 5, 4, False),

@@ -103,9 +103,10 @@ def sample_image(width: int = 120, height: int = 80, seed: int = 0) -> Image.Ima
 
 
 def reference_frames(snapshot, prompt, negative_prompt, width, height, frames, steps, guidance, latents,
-                     image=None, shift=None, loras=()) -> np.ndarray:
+                     image=None, shift=None, loras=(), cache=None, blocks_ran: list | None = None) -> np.ndarray:
     """diffusers' float32 frames (F, H, W, 3) in [0, 1] for the same snapshot and initial noise; `loras`:
-    (file, strength) pairs loaded with `load_lora_weights` and weighted with `set_adapters`."""
+    (file, strength) pairs loaded with `load_lora_weights` and weighted with `set_adapters`; `cache`: a config for
+    `transformer.enable_cache` (MagCacheConfig); `blocks_ran` gets, per transformer call, whether its blocks ran."""
     pipe = WanPipeline.from_pretrained(str(snapshot), dtype=torch.float32)
     if shift is not None:
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=shift)
@@ -125,6 +126,11 @@ def reference_frames(snapshot, prompt, negative_prompt, width, height, frames, s
         pipe.load_lora_weights(str(path), adapter_name=name, low_cpu_mem_usage=False)
     if loras:
         pipe.set_adapters(names, adapter_weights=[strength for _, strength in loras])
+    if cache is not None:
+        pipe.transformer.enable_cache(cache)
+    if blocks_ran is not None:  # block 0's attention runs only when the cache lets the blocks run
+        pipe.transformer.register_forward_pre_hook(lambda *_: blocks_ran.append(False))
+        pipe.transformer.blocks[0].attn1.register_forward_pre_hook(lambda *_: blocks_ran.__setitem__(-1, True))
     with torch.no_grad():
         return pipe(**kwargs).frames[0].astype(np.float32)
 

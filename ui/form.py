@@ -75,10 +75,10 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
         label="Prompt", lines=3, value=None,
         placeholder="What happens in the video" if for_image else "Describe the video: subject, action, place, light",
     )
-    gr.Examples(examples, inputs=[prompt], label="Example prompts")
-    with gr.Row():
+    with gr.Row():  # right under the prompt: on a phone it stays in the first screen
         generate = gr.Button("Generate", variant="primary", scale=3)
         stop = gr.Button("Stop", variant="stop", scale=1)
+    gr.Examples(examples, inputs=[prompt], label="Example prompts")
 
     resolution, custom_size, width, height, frames = build_size_fields(config, for_image)
     duration = gr.Markdown(duration_text(defaults["frames"], defaults["fps"]))

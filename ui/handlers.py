@@ -17,7 +17,9 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from wan_engine import Cancelled, GenerationRequest, ProgressEvent, Result, Stage, WanError, validate, warm_up
+from wan_engine import (
+    MAGCACHE_SETTING, Cancelled, GenerationRequest, ProgressEvent, Result, Stage, WanError, validate, warm_up,
+)
 
 from . import history
 from .config import MAX_SEED, StudioConfig
@@ -56,19 +58,21 @@ class Studio:
 
     # -- the API ---------------------------------------------------------------------------------------------------
     def text_to_video(
-        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options,
-        request: gr.Request,
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
+        options, request: gr.Request,
     ):
         """Text to video. Streams progress updates; ends with the video, the seed used and the settings.
-        `loras`: a list of "name:strength" (ui/loras.py)."""
+        `loras`: a list of "name:strength" (ui/loras.py); `sampler`: unipc, euler or dmd; `cache`: none or magcache
+        (the authors' TI2V-5B setting)."""
         generation = self.generation_request(
-            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
+            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
+            options,
         )
         yield from self.run(generation, options, request.session_hash or "")
 
     def image_to_video(
-        self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras,
-        options, request: gr.Request,
+        self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler,
+        cache, options, request: gr.Request,
     ):
         """Image to video: the video starts from `image`. Width and height 0 take the size from the image's aspect
         at the model's default area; explicit ones are honoured and the image is centre-cropped to their aspect.
@@ -76,7 +80,8 @@ class Studio:
         picture = open_picture(image)
         width, height = self.image_size(picture, width, height)
         generation = self.generation_request(
-            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
+            prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
+            options,
         )
         generation.image = str(self.save_first_frame(crop_to_aspect(picture, width, height)))
         yield from self.run(generation, options, request.session_hash or "")
@@ -100,7 +105,8 @@ class Studio:
 
     # -- checking and preparing a request ---------------------------------------------------------------------------
     def generation_request(
-        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, options
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
+        options,
     ) -> GenerationRequest:
         """The engine request for these form values; gr.Error (saying what is allowed) when one is wrong."""
         if seed is None or seed == -1:
@@ -110,8 +116,9 @@ class Studio:
         generation = GenerationRequest(
             prompt=prompt or "", negative_prompt=negative_prompt, width=whole("width", width),
             height=whole("height", height), frames=whole("frames", frames), steps=whole("steps", steps),
-            guidance=number("guidance", guidance), shift=shift, sampler=options["sampler"], seed=seed,
+            guidance=number("guidance", guidance), shift=shift, sampler=sampler, seed=seed,
             fps=whole("fps", fps), preview=options["preview"], loras=engine_loras(loras, self.config.output_dir),
+            **cache_settings(cache),
         )
         try:  # the engine's own checks, before a model is loaded; it checks again with the model's constraints
             validate(generation, self.config.size_rules)
@@ -207,7 +214,7 @@ class Studio:
                 if isinstance(item, Result):
                     history.make_still(item.video_path)
                     run.outcome = finished_text(item)
-                    yield str(item.video_path), item.seed, item.settings, run.outcome, preview
+                    yield str(item.video_path), item.seed, shown_settings(item), run.outcome, preview
                 else:
                     run.last_event = item
                     if item.preview is not None:
@@ -242,6 +249,19 @@ class Studio:
 def progress_update(text: str, preview=None) -> tuple:
     """An update while running: no result yet (the fields stay empty), the progress line and the preview."""
     return None, None, None, text, preview
+
+
+def shown_settings(result: Result) -> dict:
+    """The settings a finished run shows (and the API returns): the request's, and its step cache's record."""
+    return {**result.settings, **({"cache": result.record.cache} if result.record.cache else {})}
+
+
+def cache_settings(cache) -> dict:
+    """A request's step cache from the page's choice: none, or MagCache at its authors' TI2V-5B setting."""
+    if cache in (None, "none"):
+        return {}
+    return {"cache": cache, "cache_threshold": MAGCACHE_SETTING["threshold"],
+            "cache_max_skip": MAGCACHE_SETTING["max_skip"], "cache_retention": MAGCACHE_SETTING["retention"]}
 
 
 def whole(name: str, value) -> int:

@@ -21,9 +21,13 @@ from .progress import READY_TEXT, warming_text
 
 FULL_SAMPLER = "unipc"  # Wan's own
 FEW_STEP_SAMPLER = next(name for name, sampler in SAMPLERS.items() if sampler.few_step)
-SPEEDS = {"Quality": FULL_SAMPLER, "Fast, 3 steps": FEW_STEP_SAMPLER}  # choice -> sampler
-SPEED_HELP = ("Fast: 3 distilled steps without guidance (DMD), for FastWan models or the base model with a "
-              "distillation LoRA; on the base model alone it is quick but rough. Quality: Wan's 50 steps.")
+NO_CACHE, STEP_CACHE = "none", "magcache"
+QUALITY, BALANCED, FAST = "Quality (50 steps)", "Balanced (MagCache, about 2x)", "Fast (3 steps)"
+SPEEDS = {QUALITY: (FULL_SAMPLER, NO_CACHE), BALANCED: (FULL_SAMPLER, STEP_CACHE), FAST: (FEW_STEP_SAMPLER, NO_CACHE)}
+SPEED_HELP = ("Balanced reuses work between Quality's steps (MagCache). Fast: 3 distilled steps, for FastWan models "
+              "or a distillation LoRA.")
+CACHE_HELP = ("magcache: skip the transformer's blocks on steps whose work is predictable from the step before "
+              "(Balanced). none: every step computes.")
 SAMPLER_HELP = (" ".join(f"{name}: {sampler.description}." for name, sampler in SAMPLERS.items())
                 + " Picking one sets its steps, guidance and shift.")
 TEXT_EXAMPLES = [
@@ -77,7 +81,8 @@ def build_app(config: StudioConfig) -> gr.Blocks:
         gr.Markdown(header_text(config))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=340):
-                speed = gr.Radio(list(SPEEDS), value=speed_of(config.sampler), label="Speed", info=SPEED_HELP)
+                speed = gr.Radio(list(SPEEDS), value=speed_of(config.sampler, NO_CACHE), label="Speed",
+                                 info=SPEED_HELP)
                 with gr.Tabs() as tabs:
                     with gr.Tab("Text to video", id="text"):
                         text_form = build_form(config, TEXT_EXAMPLES, for_image=False)
@@ -85,27 +90,29 @@ def build_app(config: StudioConfig) -> gr.Blocks:
                         image_form = build_form(config, IMAGE_EXAMPLES, for_image=True)
                 with gr.Accordion("Sampler, memory and live preview", open=False):
                     sampler = gr.Radio(list(SAMPLERS), value=config.sampler, label="Sampler", info=SAMPLER_HELP)
+                    cache = gr.Radio([NO_CACHE, STEP_CACHE], value=NO_CACHE, label="Step cache", info=CACHE_HELP)
                     preset = gr.Radio(available_presets(), value=config.preset, label="Memory preset",
                                       info=preset_help())
                     live_preview = gr.Checkbox(True, label="Live preview",
                                                info="Show a rough picture of the video at each step.")
-                options = gr.State(run_options(sampler.value, preset.value, live_preview.value))
+                options = gr.State(run_options(preset.value, live_preview.value))
             with gr.Column(scale=1, min_width=340):
                 results = build_results(warming_text(None) if config.warmup else READY_TEXT)
         past = build_history()
 
-        gr.on([sampler.change, preset.change, live_preview.change], run_options, [sampler, preset, live_preview],
-              options, queue=False, api_visibility="private")
+        gr.on([preset.change, live_preview.change], run_options, [preset, live_preview], options, queue=False,
+              api_visibility="private")
         live_preview.change(lambda on: gr.Image(visible=on), live_preview, results.preview, queue=False,
                             api_visibility="private")
-        wire_speed(config, speed, sampler, text_form, image_form)
-        wire_generation(text_form, studio.text_to_video, "text_to_video", options, results, past, studio)
-        wire_generation(image_form, studio.image_to_video, "image_to_video", options, results, past, studio)
+        wire_speed(config, speed, sampler, cache, text_form, image_form)
+        run_inputs = [sampler, cache, options]  # after the form's: the handlers' last parameters
+        wire_generation(text_form, studio.text_to_video, "text_to_video", run_inputs, results, past, studio)
+        wire_generation(image_form, studio.image_to_video, "image_to_video", run_inputs, results, past, studio)
         # Stop sets the run's cancel token, and the run's own stream ends with "Stopped at step i/N". (Gradio's
         # `cancels` would cut that stream instead, racing its last updates against Stop's message.)
         gr.on([text_form.stop.click, image_form.stop.click], studio.stop, None, results.progress, api_name="stop",
               concurrency_limit=None)
-        wire_history(past, studio, config, tabs, speed, sampler, text_form, image_form)
+        wire_history(past, studio, config, tabs, [speed, sampler, cache], text_form, image_form)
         app.load(studio.history, None, [past.gallery, past.records], api_visibility="private")
         app.load(lambda: [gr.Dropdown(choices=lora_choices(config.output_dir))] * 2, None,
                  [text_form.loras, image_form.loras], queue=False, api_visibility="private")  # files added since
@@ -134,27 +141,34 @@ def preset_help() -> str:
     return f"{descriptions} A change reloads the model on the next run."
 
 
-def speed_of(sampler: str) -> str:
-    return "Fast, 3 steps" if SAMPLERS[sampler].few_step else "Quality"
+def speed_of(sampler: str, cache: str) -> str:
+    if SAMPLERS[sampler].few_step:
+        return FAST
+    return BALANCED if cache == STEP_CACHE else QUALITY
 
 
-def wire_speed(config: StudioConfig, speed, sampler, text_form: Form, image_form: Form) -> None:
-    """A speed or sampler picked on the page sets the other, and both tabs' steps, guidance and shift to what
-    goes with the sampler on this model (FastWan's 3 steps without guidance for dmd)."""
+def wire_speed(config: StudioConfig, speed, sampler, cache, text_form: Form, image_form: Form) -> None:
+    """A speed picked on the page sets the sampler and the step cache, a sampler or cache picked sets the speed, and
+    either sets both tabs' steps, guidance and shift to what goes with the sampler on this model (FastWan's 3 steps
+    without guidance for dmd)."""
     fields = [getattr(form, name) for form in (text_form, image_form) for name in ("steps", "guidance", "shift")]
 
     def settings(name: str) -> list:
         values = config.sampler_settings(name)
         return [values[key] for _ in range(2) for key in ("steps", "guidance", "shift")]
 
-    speed.input(lambda choice: [SPEEDS[choice], *settings(SPEEDS[choice])], speed, [sampler, *fields],
-                queue=False, api_visibility="private")
-    sampler.input(lambda name: [speed_of(name), *settings(name)], sampler, [speed, *fields], queue=False,
-                  api_visibility="private")
+    def pick_speed(choice: str) -> list:
+        picked_sampler, picked_cache = SPEEDS[choice]
+        return [picked_sampler, picked_cache, *settings(picked_sampler)]
+
+    speed.input(pick_speed, speed, [sampler, cache, *fields], queue=False, api_visibility="private")
+    sampler.input(lambda name, kind: [speed_of(name, kind), *settings(name)], [sampler, cache], [speed, *fields],
+                  queue=False, api_visibility="private")
+    cache.input(speed_of, [sampler, cache], speed, queue=False, api_visibility="private")
 
 
-def run_options(sampler: str, preset: str, preview: bool) -> dict:
-    return {"sampler": sampler, "preset": preset, "preview": preview}
+def run_options(preset: str, preview: bool) -> dict:
+    return {"preset": preset, "preview": preview}
 
 
 def build_results(progress_text: str) -> Results:
@@ -190,7 +204,7 @@ def build_history() -> History:
     return History(gallery, gr.State([]), gr.State(None), video, settings, restore, refresh)
 
 
-def wire_generation(form: Form, handler, api_name: str, options, results: Results, past: History,
+def wire_generation(form: Form, handler, api_name: str, run_inputs: list, results: Results, past: History,
                     studio: Studio) -> None:
     """Generate -> the streaming handler -> download link and history. Up to the queue's size of requests are
     handed on at once: the engine's thread runs them one at a time, in order, across both tabs (runs.py), and tells
@@ -200,15 +214,17 @@ def wire_generation(form: Form, handler, api_name: str, options, results: Result
         return gr.DownloadButton(value=video, visible=bool(video)), *studio.history()
 
     event = form.generate.click(
-        handler, [*form.api_inputs, options], results.outputs, api_name=api_name, concurrency_id="generation",
+        handler, [*form.api_inputs, *run_inputs], results.outputs, api_name=api_name, concurrency_id="generation",
         concurrency_limit=studio.config.queue_size, show_progress_on=[results.progress], scroll_to_output=True,
     )
     event.then(show_download_and_history, results.video, [results.download, past.gallery, past.records],
                api_visibility="private")
 
 
-def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, speed, sampler, text_form: Form,
+def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, speed_choices: list, text_form: Form,
                  image_form: Form) -> None:
+    """The gallery: a pick shows a run; "Use these settings" puts its settings back (`speed_choices`: the speed, the
+    sampler and the step cache)."""
     past.refresh.click(studio.history, None, [past.gallery, past.records], api_visibility="private")
 
     def pick(runs: list, selection: gr.SelectData):
@@ -228,8 +244,9 @@ def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, spee
         other_form = text_form if for_image else image_form
         skipped = [gr.skip()] * len(other_form.restorable)
         forms = [*skipped, *filled] if for_image else [*filled, *skipped]
-        sampler_used = record.settings.sampler
-        return gr.Tabs(selected="image" if for_image else "text"), speed_of(sampler_used), sampler_used, *forms
+        sampler_used, cache_used = record.settings.sampler, record.cache["kind"] if record.cache else NO_CACHE
+        return (gr.Tabs(selected="image" if for_image else "text"), speed_of(sampler_used, cache_used), sampler_used,
+                cache_used, *forms)
 
-    past.restore.click(restore, past.picked, [tabs, speed, sampler, *text_form.restorable, *image_form.restorable],
+    past.restore.click(restore, past.picked, [tabs, *speed_choices, *text_form.restorable, *image_form.restorable],
                        api_visibility="private")

@@ -32,6 +32,7 @@ from .pipeline import DEFAULT_NEGATIVE_PROMPT
 from .presets import available_presets, load_preset
 from .record import RunRecord, Stage
 from .request import CancelToken, GenerationRequest, ProgressEvent, Result, SizeRules, validate
+from .sampling.magcache import AUTHORS_SETTING as MAGCACHE_SETTING, read_cache_ratios
 from .sampling.samplers import SAMPLERS
 from .video import remove_stale_partials
 from .warmup import warm_up
@@ -40,6 +41,6 @@ __all__ = [
     "CancelToken", "Cancelled", "DEFAULT_MODEL", "DEFAULT_NEGATIVE_PROMPT", "DEMO_NOTICE", "Engine", "Follower",
     "GenerationRequest", "ParallelGroup", "ProgressEvent", "Result", "RunRecord", "SAMPLERS",
     "SizeRules", "Stage", "WanError", "available_presets", "convert", "join_group", "load_preset", "open_image",
-    "parse_lora", "partial_name", "recommended_settings", "remove_stale_partials", "resolve_model", "validate",
-    "warm_up",
+    "parse_lora", "partial_name", "read_cache_ratios", "recommended_settings", "remove_stale_partials",
+    "resolve_model", "validate", "warm_up", "MAGCACHE_SETTING",
 ]

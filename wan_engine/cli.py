@@ -6,6 +6,7 @@ traceback.
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import (
     DEFAULT_MODEL, Cancelled, Engine, Follower, GenerationRequest, ProgressEvent, Result, Stage, WanError, convert,
-    join_group, parse_lora, resolve_model, warm_up,
+    join_group, parse_lora, read_cache_ratios, resolve_model, warm_up,
 )
 
 
@@ -24,7 +25,8 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
                         "or 'demo' (a tiny random model, offline)")
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """What a request is made of, for generate and calibrate-cache alike."""
     add_model_argument(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None,
@@ -41,19 +43,46 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance; <= 1 turns it off; default: 5.0, off with the dmd sampler")
     p.add_argument("--shift", type=float, default=None,
                    help="flow shift; default: the scheduler config's, 8.0 (FastVideo's) with the dmd sampler")
+    p.add_argument("--seed", type=int, default=None, help="random when absent (printed)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--latents", default=None, help="initial noise .npy (1 x C x F x H/16 x W/16, float32)")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_request_arguments(p)
     p.add_argument("--sampler", default=None,
                    help="unipc, euler or dmd (few-step distilled models); default: dmd for FastVideo's FastWan "
                         "checkpoints, else unipc")
-    p.add_argument("--seed", type=int, default=None, help="random when absent (printed)")
     p.add_argument("--fps", type=int, default=24)
     p.add_argument("--preset", default="normal", help="memory preset: normal, low-ram, or a .json path")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--output", default=None, help="the MP4 to write (default: outputs/wan-<time>-<seed>.mp4)")
-    p.add_argument("--latents", default=None, help="initial noise .npy (1 x C x F x H/16 x W/16, float32)")
     p.add_argument("--save-frames", default=None, help="also save the decoded frames as .npy (F x H x W x 3, [0, 1])")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO_FILE[:STRENGTH]",
                    help="fuse a LoRA (.safetensors) into the transformer: a local file or a Hub file written "
                         "owner/repo/path/in/repo.safetensors, and its strength (default 1.0); repeatable")
+    p.add_argument("--cache", default=None,
+                   help="magcache: skip the transformer's blocks on steps whose residual is predictable (about 2x "
+                        "faster with the authors' TI2V-5B setting: --cache-max-skip 2); default none")
+    p.add_argument("--cache-threshold", type=float, default=0.06, help="MagCache's error threshold (default 0.06)")
+    p.add_argument("--cache-max-skip", type=int, default=3, help="most steps skipped in a row (default 3)")
+    p.add_argument("--cache-retention", type=float, default=0.2,
+                   help="share of the first steps always computed (default 0.2)")
+    p.add_argument("--cache-ratios", default=None, metavar="FILE.json",
+                   help="MagCache's ratios as calibrate-cache writes them; default: the published TI2V-5B ones")
+
+
+def request_from(args, **more) -> GenerationRequest:
+    """The request of generate's or calibrate-cache's arguments."""
+    latents = None
+    if args.latents:
+        try:
+            latents = np.load(args.latents)
+        except (OSError, ValueError) as e:
+            raise WanError(f"could not read --latents {args.latents}: {e}") from None
+    return GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image, width=args.width,
+        height=args.height, frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
+        seed=args.seed, latents=latents, **more)
 
 
 class ProgressBar:
@@ -93,18 +122,12 @@ def run_generate(args) -> int:
         Follower(group).serve(args.model, args.preset, args.dtype)
         return 0
 
-    latents = None
-    if args.latents:
-        try:
-            latents = np.load(args.latents)
-        except (OSError, ValueError) as e:
-            raise WanError(f"could not read --latents {args.latents}: {e}") from None
-    request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image, width=args.width,
-        height=args.height, frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
-        sampler=args.sampler, seed=args.seed, fps=args.fps, latents=latents, output=args.output,
-        keep_frames=bool(args.save_frames), loras=[parse_lora(argument) for argument in args.lora],
-    )
+    cache = None if args.cache in (None, "none") else args.cache
+    request = request_from(
+        args, sampler=args.sampler, fps=args.fps, output=args.output, keep_frames=bool(args.save_frames),
+        loras=[parse_lora(argument) for argument in args.lora], cache=cache, cache_threshold=args.cache_threshold,
+        cache_max_skip=args.cache_max_skip, cache_retention=args.cache_retention,
+        cache_ratios=read_cache_ratios(args.cache_ratios) if cache and args.cache_ratios else None)
     bar = ProgressBar()
     engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download, group=group)
     if engine.notice:
@@ -163,6 +186,34 @@ def run_convert(args) -> int:
     return 0
 
 
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    add_request_arguments(p)
+    p.add_argument("--output", required=True, metavar="FILE.json", help="where the ratios go, a JSON list")
+
+
+def run_calibrate(args) -> int:
+    bar = ProgressBar()
+    engine = Engine(args.model, dtype=args.dtype, download_progress=bar.download)
+    try:
+        ratios = yield_progress(engine.calibrate_cache(request_from(args)), bar)
+    finally:
+        bar.close()
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(ratios) + "\n")
+    print(f"wrote {len(ratios)} ratios to {output}: use them with generate --cache magcache --cache-ratios {output}")
+    return 0
+
+
+def yield_progress(events, bar: ProgressBar):
+    """Show a generator's progress events on `bar`; what it returns."""
+    while True:
+        try:
+            bar.update(next(events))
+        except StopIteration as end:
+            return end.value
+
+
 def add_download_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     p.add_argument("--preset", action="append", default=[],
@@ -193,11 +244,15 @@ def main(argv=None) -> int:
     add_download_arguments(commands.add_parser("download", help="fetch a model from the Hugging Face Hub (and prepare "
                                                                 "presets) ahead of time"))
     add_convert_arguments(commands.add_parser("convert", help="write a bf16 / q8 / q4 package that generate loads"))
+    add_calibrate_arguments(commands.add_parser("calibrate-cache", help="measure MagCache's ratios for a model (a "
+                                                                        "JSON list for --cache-ratios)"))
     args = parser.parse_args(argv)
     # transformers (tokenizer only here) warns at import that PyTorch is absent, which is how we run
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return {"generate": run_generate, "download": run_download, "convert": run_convert}[args.command](args)
+        commands = {"generate": run_generate, "download": run_download, "convert": run_convert,
+                    "calibrate-cache": run_calibrate}
+        return commands[args.command](args)
     except WanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

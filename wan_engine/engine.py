@@ -13,8 +13,6 @@ denoising, decoding and saving. In a group every process walks the same stages: 
 import dataclasses
 import gc
 import secrets
-import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -29,10 +27,10 @@ from .model_files.hub import find_local_model, resolve_model
 from .model_files.kernel_cache import keep_compiled_kernels
 from .model_files.loading import Snapshot
 from .model_files.prompt_cache import PromptEmbeddingCache, encoder_identity
-from .models.config import SchedulerConfig
+from .models.config import SHIPPED_CONFIGS, SchedulerConfig, TransformerConfig
 from .models.text_encoder import count_tokens, encode_prompts, prompt_clean
 from .parallel.group import ParallelGroup
-from .parallel.share import ALONE, Layout, RankShare
+from .parallel.share import Layout, RankShare
 from .parts import LoadedParts
 from .pipeline import (
     DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, decode_frames, encode_image, frames_to_uint8, from_diffusers_layout,
@@ -40,8 +38,10 @@ from .pipeline import (
 )
 from .presets import Preset, load_preset
 from .preview import calibrate, latent_preview
-from .record import RunRecord, RunSettings, Stage, StageClock, gib, process_peak_rss_gib
+from .record import RunRecord, RunSettings, Stage, gib, process_peak_rss_gib
 from .request import CancelToken, GenerationRequest, ProgressEvent, Result, SizeRules, validate
+from .run import Run, StepTimer, decode_message, drain
+from .sampling.magcache import MagCache, builtin_ratios
 from .sampling.samplers import SAMPLERS, make_sampler, sampler_defaults
 from .version import __version__
 from .video import VideoOutput, prepare_folder, remove_stale_partials
@@ -49,6 +49,9 @@ from .video import VideoOutput, prepare_folder, remove_stale_partials
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 WAN22_FLOW_SHIFT = 5.0  # Wan-AI/Wan2.2-TI2V-5B-Diffusers' scheduler config
 TEXT_LENGTH = 512  # Wan's text length: prompts are padded (with zeros past their end) to 512 tokens
+# What rank 0 hands the others of a request (with the seed it drew and the LoRAs)
+HANDED_OVER = ("width", "height", "frames", "steps", "guidance", "shift", "sampler", "cache", "cache_threshold",
+               "cache_max_skip", "cache_retention", "cache_ratios")
 
 
 def default_dtype() -> str:
@@ -56,30 +59,15 @@ def default_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
-def decode_message(done: int, total: int, tiled: bool, latent_frames: int) -> str:
-    """Progress of the decode: tiles, latent frames, or strips of latent frames (WanVAE.decode_chunks)."""
-    if tiled:
-        return f"decoded tile {done}/{total}"
-    strips = total // latent_frames
-    if strips == 1:
-        return f"decoded latent frame {done}/{total}"
-    strip, frame = divmod(done - 1, latent_frames)
-    return f"decoded strip {strip + 1}/{strips}, latent frame {frame + 1}/{latent_frames}"
-
-
-def drain(events):
-    """Run a generator of progress events to its end, unheard; what it returns."""
-    while True:
-        try:
-            next(events)
-        except StopIteration as end:
-            return end.value
-
-
 def model_sampler(snapshot: Snapshot) -> str:
     """The sampler a model is made for. FastVideo's DMD-distilled checkpoints (FastWan2.2-TI2V-5B) name its
     `WanDMDPipeline` in model_index.json: they default to the dmd sampler, 3 steps, no guidance."""
     return "dmd" if snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
+
+
+def is_ti2v_5b(config: TransformerConfig) -> bool:
+    """Whether a transformer has Wan2.2 TI2V-5B's architecture (its published MagCache ratios apply)."""
+    return config == TransformerConfig.from_file(SHIPPED_CONFIGS / "transformer.json")
 
 
 def size_rules(snapshot: Snapshot) -> SizeRules:
@@ -110,28 +98,6 @@ def apply_memory_limits(preset: Preset) -> None:
         mx.set_memory_limit(int(preset.memory_limit_gib * 2**30))
     if preset.cache_limit_gib is not None:
         mx.set_cache_limit(int(preset.cache_limit_gib * 2**30))
-
-
-@dataclass
-class Run:
-    """One generation, as its stages fill it in."""
-    request: GenerationRequest  # with the model's defaults filled in
-    seed: int
-    negative_prompt: str
-    loras: list  # model_files.lora.Lora, read and checked
-    noise: mx.array | None
-    image: mx.array | None = None  # the first frame's pixels (image to video)
-    video_path: Path | None = None  # rank 0's
-    use_prompt_cache: bool = True
-    clock: StageClock = field(default_factory=StageClock)
-    handed_over: bool = False  # a group's other process: rank 0 encoded the text and the first frame
-    share: object = ALONE  # this process's share of the work (parallel/share.py)
-    context: mx.array | None = None  # text embeddings (1 or 2, 512, D)
-    prompt_tokens: dict | None = None
-    condition: mx.array | None = None  # the first frame's latent
-    latents: mx.array | None = None  # denoised
-    frames: list = field(default_factory=list)  # float frames, kept when the request asks
-    result: Result | None = None
 
 
 class Engine:
@@ -182,6 +148,11 @@ class Engine:
                  if getattr(request, name) is None}
         return dataclasses.replace(request, **unset)
 
+    @property
+    def has_published_cache_ratios(self) -> bool:
+        """MagCache's published TI2V-5B ratios apply to TI2V-5B's architecture (and the demo model's, a tiny one)."""
+        return self.is_demo or is_ti2v_5b(self.transformer_config)
+
     def vae_tile(self, width: int, height: int) -> dict | None:
         """The preset's VAE tiles for a video of this size, or None (untiled)."""
         tile = self.preset.vae_tile
@@ -216,11 +187,21 @@ class Engine:
                 mx.clear_cache()
             raise
 
+    def calibrate_cache(self, request: GenerationRequest, cancel: CancelToken | None = None):
+        """Measure MagCache's ratios for this model and request as diffusers' `calibrate=True` does: every step runs
+        the blocks, and each step's ratio of the prompt branch's residual to the step before's is kept. Yields
+        progress events; returns the ratios, one per step (no video is written)."""
+        if self.group is not None:
+            raise WanError("calibrating a step cache runs in one process: start it without mlx.launch")
+        run = yield from self._start(dataclasses.replace(request, cache=None), True, writes_video=False)
+        run.calibration = []
+        yield from self._stages(run, cancel)
+        return run.calibration
+
     def follow(self, group: ParallelGroup, header: dict, arrays: dict) -> None:
         """A group's other process: rank 0's run from its hand-over on (`_hand_over`), the same stages."""
         fields = header["request"]
-        request = GenerationRequest(prompt="", **{name: fields[name] for name in (
-            "width", "height", "frames", "steps", "guidance", "shift", "sampler", "seed")})
+        request = GenerationRequest(prompt="", seed=fields["seed"], **{name: fields[name] for name in HANDED_OVER})
         loras = drain(self.parts.read_loras(fields["loras"]))  # each process fuses them (the same files there)
         condition = arrays.get("condition")
         run = Run(request, request.seed, "", loras, mx.array(arrays["noise"]), handed_over=True,
@@ -236,22 +217,27 @@ class Engine:
             yield from self._encode_image(run, cancel)
             self._hand_over(run)
         yield from self._denoise(run, cancel)
-        yield from self._decode(run, cancel)
+        if run.calibration is None:  # a calibration's run ends with its ratios
+            yield from self._decode(run, cancel)
 
-    def _start(self, request: GenerationRequest, use_prompt_cache: bool):
+    def _start(self, request: GenerationRequest, use_prompt_cache: bool, writes_video: bool = True):
         """The run of `request`: the model's defaults, every check that needs no part, the seed and its noise, the
         first frame's pixels, the output's name (its folder checked for room) and the LoRAs read."""
         request = self.with_defaults(request)
         validate(request, self.size_rules)
+        if request.cache is not None and request.cache_ratios is None and not self.has_published_cache_ratios:
+            raise WanError("this model has no built-in MagCache ratios (they are TI2V-5B's): measure them with "
+                           "`python -m wan_engine calibrate-cache` and give them with --cache-ratios FILE.json")
         if self.group is not None:
             self.group.check_usable()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         shape = latent_shape(self.vae_config, self.transformer_config, request.width, request.height, request.frames)
         noise = from_diffusers_layout(request.latents, shape) if request.latents is not None else initial_noise(seed, shape)
         image = None if request.image is None else load_image(request.image, request.width, request.height)
-        video_path = self.output_path(request, seed)
-        prepare_folder(video_path, request.width, request.height, request.frames)  # before any work: room, a folder
-        remove_stale_partials(video_path.parent)
+        video_path = self.output_path(request, seed) if writes_video else None
+        if video_path is not None:
+            prepare_folder(video_path, request.width, request.height, request.frames)  # before any work: room
+            remove_stale_partials(video_path.parent)
         loras = yield from self.parts.read_loras(request.loras)
         negative = DEFAULT_NEGATIVE_PROMPT if request.negative_prompt is None else request.negative_prompt
         return Run(request, seed, negative, loras, noise, image, video_path, use_prompt_cache)
@@ -327,10 +313,9 @@ class Engine:
         run.share = self._rank_share(run, self.group, Layout.choose(self.group.size, run.context.shape[0] == 2))
         header = {
             "model": self.model, "preset": self.preset_source, "dtype": self.dtype_name,
-            "layout": run.share.layout.as_dict(), "request": {
-                "width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps,
-                "guidance": request.guidance, "shift": request.shift, "sampler": request.sampler, "seed": run.seed,
-                "loras": [list(pair) for pair in request.loras]},
+            "layout": run.share.layout.as_dict(),
+            "request": {**{name: getattr(request, name) for name in HANDED_OVER}, "seed": run.seed,
+                        "loras": [list(pair) for pair in request.loras]},
         }
         arrays = {"context": np.array(run.context.astype(mx.float32)), "noise": np.array(run.noise)}
         if run.condition is not None:
@@ -352,22 +337,36 @@ class Engine:
         transformer.shard(run.share.tokens)
         sampler = make_sampler(request.sampler, request.steps, request.shift, self.scheduler_config,
                                step_noise_key(run.seed))
-        steps = generate_latents(transformer, sampler, run.noise, run.context, request.guidance, run.condition, cancel,
-                                 self.preset.cfg_batch, run.share)
+        cache = self._step_cache(run)
+        plan = None if cache is None else cache.plan(request.steps)
+        denoising = generate_latents(transformer, sampler, run.noise, run.context, request.guidance, run.condition,
+                                     cancel, self.preset.cfg_batch, run.share, plan, run.calibration)
         run.clock.start()
-        for i, latents in enumerate(steps, start=1):
-            elapsed = time.perf_counter() - run.clock.since
-            per_step = elapsed / i
+        timer = StepTimer(plan or [True] * request.steps)
+        for i, latents in enumerate(denoising, start=1):
+            elapsed, per_step, left = timer.step_done(i)
             if i == 1:  # the first step compiles what the run's shapes need: measured apart
                 timings["denoise_first_step_s"] = round(elapsed, 4)
             preview = latent_preview(latents, self.preview_map) if request.preview else None
-            yield ProgressEvent(Stage.DENOISE, f"step {i}/{request.steps}", i, request.steps, elapsed, per_step,
-                                per_step * (request.steps - i), gib(mx.get_active_memory()), preview)
+            skipped = " · blocks skipped (MagCache)" if plan is not None and not plan[i - 1] else ""
+            yield ProgressEvent(Stage.DENOISE, f"step {i}/{request.steps}{skipped}", i, request.steps, elapsed,
+                                per_step, left, gib(mx.get_active_memory()), preview)
         run.clock.lap(Stage.DENOISE)
         timings["denoise_s_per_step"] = round(timings["denoise_s"] / request.steps, 4)
+        run.cache_record = None if cache is None else cache.record(plan)
         run.latents, run.noise, run.context, run.condition = latents, None, None, None
-        del steps, latents
+        del denoising, latents
         self._end_stage(cancel)
+
+    def _step_cache(self, run: Run) -> MagCache | None:
+        """The request's step cache, with the ratios it gives or MagCache's published ones for this model's task."""
+        request = run.request
+        if request.cache is None:
+            return None
+        ratios = request.cache_ratios
+        if ratios is None:
+            ratios = builtin_ratios(image_to_video=run.condition is not None)
+        return MagCache(tuple(ratios), request.cache_threshold, request.cache_max_skip, request.cache_retention)
 
     def _decode(self, run: Run, cancel: CancelToken | None):
         """Decode the latents and, on rank 0, write the video: ffmpeg encodes each decoded chunk while the next one
@@ -415,7 +414,7 @@ class Engine:
             stage_peak_memory_gib=clock.stage_peaks, process_peak_rss_gib=process_peak_rss_gib(),
             stage_process_peak_rss_gib=clock.stage_rss, prompt_tokens=run.prompt_tokens, engine_version=__version__,
             video=run.video_path.name, created=datetime.now().isoformat(timespec="seconds"), notice=self.notice,
-            parallel=run.share.record(),
+            parallel=run.share.record(), cache=run.cache_record,
         )
         video_path, sidecar = output.land(record.to_dict())
         run.result = Result(video_path, sidecar, record,

@@ -14,7 +14,9 @@ from PIL import Image
 from .errors import WanError
 from .images import open_image
 from .models.vae_tiling import decode_tiled
+from .models.transformer import BlockResidual
 from .parallel.share import ALONE
+from .sampling.magcache import magnitude_ratio
 
 # Wan's official default negative prompt (Wan-Video/Wan2.2 `shared_config.sample_neg_prompt`).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -86,7 +88,7 @@ def encode_image(vae, normalizer: LatentNormalizer, image: mx.array) -> mx.array
 
 
 def generate_latents(transformer, sampler, noise, context, guidance: float, condition=None, cancel=None,
-                     cfg_batch: bool = True, share=ALONE):
+                     cfg_batch: bool = True, share=ALONE, plan: list | None = None, calibration: list | None = None):
     """Denoise `noise` (1, F, H, W, C). Yields the video latents after each step (float32); the last one is
     the result to decode.
 
@@ -97,6 +99,10 @@ def generate_latents(transformer, sampler, noise, context, guidance: float, cond
     share: this process's share of the run (`ALONE`, or a group's parallel.share.RankShare, whose branch of the
     guidance pair this process runs and whose tokens the transformer was sharded for). Every step starts at its
     checkpoint, where the cancel token stops the run. All processes keep the same latents.
+    plan: a step cache's (sampling/magcache.py): for each step whether the transformer runs its blocks, or adds the
+    residual they added at the last step that ran them (one kept per branch of the guidance pair, as diffusers keeps
+    one per cache context). calibration: a list that gets each step's magnitude ratio of the prompt branch's residual
+    to the step before's (every step runs its blocks), as diffusers' MagCache measures it with `calibrate=True`.
     """
     context = share.branch_context(context)
     _, num_frames, height, width, _ = noise.shape
@@ -110,25 +116,34 @@ def generate_latents(transformer, sampler, noise, context, guidance: float, cond
     if condition is not None:
         frame_mask = frame_mask.at[0].multiply(0.0)
 
+    passes = 1 if cfg_batch else batch
+    caching = plan is not None or calibration is not None
+    holds = [BlockResidual() if caching else None for _ in range(passes)]
     latents = noise
-    for t in sampler.timesteps:
+    for step, t in enumerate(sampler.timesteps):
         share.checkpoint(cancel)
+        previous = holds[0].residual if calibration is not None else None
+        for hold in holds:
+            if hold is not None:
+                hold.skip = plan is not None and not plan[step]
         x = latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
         timestep = (frame_mask * float(t))[None]
         if cfg_batch:
             x = mx.broadcast_to(x.astype(dtype), (batch, *x.shape[1:]))
-            prediction = transformer(x, mx.broadcast_to(timestep, (batch, num_frames)), kv, rope)
+            prediction = transformer(x, mx.broadcast_to(timestep, (batch, num_frames)), kv, rope, holds[0])
         else:
-            passes = [transformer(x.astype(dtype), timestep, [(k[i:i + 1], v[i:i + 1]) for k, v in kv], rope)
-                      for i in range(batch)]
-            prediction = mx.concatenate(passes)
+            prediction = mx.concatenate([
+                transformer(x.astype(dtype), timestep, [(k[i:i + 1], v[i:i + 1]) for k, v in kv], rope, holds[i])
+                for i in range(batch)])
         prediction = share.exchange_branches(prediction)  # (2, ...) with guidance: the prompt's, the negative's
         if prediction.shape[0] == 2:
             cond, uncond = prediction[:1], prediction[1:]
             prediction = uncond + guidance * (cond - uncond)
         # the solver keeps evolving its own frame 0; the video's frame 0 is the condition
         latents = sampler.step(prediction, latents)
-        mx.eval(latents)
+        mx.eval(latents, [hold.residual for hold in holds if hold is not None])
+        if calibration is not None:
+            calibration.append(magnitude_ratio(holds[0].residual[:1], None if previous is None else previous[:1]))
         share.unit_done()
         yield latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
 

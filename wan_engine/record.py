@@ -102,6 +102,8 @@ class RunRecord:
     created: str  # ISO time, to the second
     notice: str | None = None  # what the user must know of the model (the demo model's videos are noise-like)
     parallel: dict | None = None  # a group's run: {"ranks", "guidance", "sequence", "exchanged_mib_per_step"}
+    cache: dict | None = None  # a step cache's: {"kind", "threshold", "max_skip", "retention", "computed_steps",
+    # "skipped_steps"}
 
     def stage_seconds(self) -> dict:
         """Stage -> its seconds, for the stages the run went through (loading counted apart from the others)."""
@@ -116,10 +118,10 @@ class RunRecord:
         return self.timings["total_s"]
 
     def to_dict(self) -> dict:
-        """The sidecar's JSON object (notice and parallel only when they say something)."""
+        """The sidecar's JSON object (notice, parallel and cache only when they say something)."""
         record = asdict(self)
         return {name: value for name, value in record.items()
-                if value is not None or name not in ("notice", "parallel")}
+                if value is not None or name not in ("notice", "parallel", "cache")}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunRecord":

@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import WanError
 from .record import RunRecord, Stage
+from .sampling.magcache import KIND as MAGCACHE, check_ratios, check_settings
 from .sampling.samplers import SAMPLERS
 
 
@@ -49,6 +50,13 @@ class GenerationRequest:
     # LoRAs fused into the transformer, in order: (reference, strength), the reference a local .safetensors path or a
     # Hub file written owner/repo/path/in/repo.safetensors; strength as diffusers' adapter weight (1.0: as trained)
     loras: list = field(default_factory=list)
+    # A step cache (sampling/magcache.py), "magcache" or None, and its settings as diffusers' MagCacheConfig's;
+    # cache_ratios None: MagCache's published TI2V-5B ratios of the task (text or image to video)
+    cache: str | None = None
+    cache_threshold: float = 0.06
+    cache_max_skip: int = 3
+    cache_retention: float = 0.2
+    cache_ratios: list | None = None
 
 
 @dataclass
@@ -142,12 +150,25 @@ def validate(request: GenerationRequest, sizes: SizeRules) -> None:
     if request.guidance is not None and not 0 <= request.guidance <= 50:
         raise WanError(f"guidance {request.guidance} is not allowed: it must be between 0 and 50 (1 turns it off)")
     few_step = request.sampler is not None and SAMPLERS[request.sampler].few_step
-    if few_step and request.guidance is not None and request.guidance > 1:
+    if few_step and request.guidance is not None and request.guidance != 1:
         raise WanError(f"guidance {request.guidance} is not allowed with the {request.sampler} sampler: distilled "
-                       "few-step sampling runs without guidance (1 or less, or leave it unset)")
+                       "few-step sampling runs without guidance (1, or leave it unset)")
     if request.shift is not None and not 0 < request.shift <= 100:
         raise WanError(f"shift {request.shift} is not allowed: it must be above 0 and at most 100")
     if not 1 <= request.fps <= 120:
         raise WanError(f"fps {request.fps} is not allowed: it must be between 1 and 120")
     if request.seed is not None and not 0 <= request.seed < 2**63:
         raise WanError(f"seed {request.seed} is not allowed: it must be between 0 and 2^63-1")
+    if request.cache is not None:
+        validate_cache(request, few_step)
+
+
+def validate_cache(request: GenerationRequest, few_step: bool) -> None:
+    if request.cache != MAGCACHE:
+        raise WanError(f"cache {request.cache!r} is not allowed: choose {MAGCACHE}, or none")
+    if few_step:
+        raise WanError(f"the {MAGCACHE} cache is not allowed with the {request.sampler} sampler: a step cache skips "
+                       "steps of a long sampler (50 steps), and a few-step distilled sampler has none to spare")
+    check_settings(request.cache_threshold, request.cache_max_skip, request.cache_retention)
+    if request.cache_ratios is not None:
+        check_ratios(request.cache_ratios, "the cache's ratios")

@@ -324,13 +324,15 @@ class WanTransformer(nn.Module):
         """Context (B, L, dim) from `embed_text` -> each block's cross-attention (key, value), (B, heads, L, hd)."""
         return [block.attn2.key_value(context) for block in self.blocks]
 
-    def __call__(self, latents: mx.array, timestep: mx.array, context, rope: tuple) -> mx.array:
+    def __call__(self, latents: mx.array, timestep: mx.array, context, rope: tuple,
+                 block_residual: "BlockResidual | None" = None) -> mx.array:
         """One denoiser evaluation.
 
         latents: (B, F, H, W, in_channels). timestep: (B,) one per sample, or (B, F // p_t) one per latent frame
         (diffusers' per-token `expand_timesteps` input is constant within a frame, so the timestep embedding and the
         modulation are computed per frame and broadcast over its tokens). context: `cross_attention_kv(...)` output,
-        or the `embed_text(...)` array. rope: `self.rope(F, H, W)`.
+        or the `embed_text(...)` array. rope: `self.rope(F, H, W)`. block_residual: a step cache's hold on the
+        blocks (`BlockResidual`): they are skipped and its residual added, or they run and it keeps theirs.
         Returns (B, F, H, W, out_channels) in the compute dtype.
         """
         dtype = self.dtype
@@ -350,11 +352,30 @@ class WanTransformer(nn.Module):
 
         x = x.reshape(batch, groups, -1, x.shape[-1])  # (B, G, tokens per group, dim)
         x, rope = self.tokens.own(x, rope)  # this process's tokens of each group, and their rotary positions
-        # Evaluate piece by piece: a GPU backend keeps every intermediate buffer of the work it was given until that
-        # work completes, so one graph of all blocks would hold all their activations (16 GiB at 1280x704x17). With
-        # `block_lookahead` the next block is queued while one runs (two blocks' worth, no idle GPU); without, each
-        # residual step is evaluated on its own (the largest step's worth).
-        # In a group, each evaluation holds this process's key / value exchange: the token share hears of its progress.
+        if block_residual is not None and block_residual.skip:
+            x = x + block_residual.residual  # diffusers' MagCache head hook: block 0's input + the kept residual
+        else:
+            entry = x
+            x = self._run_blocks(x, timestep_proj, context, rope)
+            if block_residual is not None:
+                block_residual.residual = x - entry
+
+        # Output norm with the final float32 modulation, projection, unpatchify
+        shift, scale = mx.split(self.scale_shift_table.astype(mx.float32) + temb[:, :, None], 2, axis=2)
+        x = (self.norm_out(x.astype(mx.float32)) * (1 + scale) + shift).astype(dtype)
+        x = self.proj_out(x)
+        x = self.tokens.gather_tokens(x)
+
+        p_t, p_h, p_w = self.config.patch_size
+        x = x.reshape(batch, f, h, w, p_t, p_h, p_w, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        return x.reshape(batch, f * p_t, h * p_h, w * p_w, -1)
+
+    def _run_blocks(self, x: mx.array, timestep_proj: mx.array, context: list, rope: tuple) -> mx.array:
+        """The blocks on x (B, G, N, dim), evaluated piece by piece: a GPU backend keeps every intermediate buffer of
+        the work it was given until that work completes, so one graph of all blocks would hold all their activations
+        (16 GiB at 1280x704x17). With `block_lookahead` the next block is queued while one runs (two blocks' worth,
+        no idle GPU); without, each residual step is evaluated on its own (the largest step's worth). In a group,
+        each evaluation holds this process's key / value exchange: the token share hears of its progress."""
         pending = None
         for steps, kv in zip(self._steps(), context):
             for step in steps:
@@ -368,13 +389,14 @@ class WanTransformer(nn.Module):
                     mx.eval(pending)
                     self.tokens.block_done()
                 pending = x
+        return x
 
-        # Output norm with the final float32 modulation, projection, unpatchify
-        shift, scale = mx.split(self.scale_shift_table.astype(mx.float32) + temb[:, :, None], 2, axis=2)
-        x = (self.norm_out(x.astype(mx.float32)) * (1 + scale) + shift).astype(dtype)
-        x = self.proj_out(x)
-        x = self.tokens.gather_tokens(x)
 
-        p_t, p_h, p_w = self.config.patch_size
-        x = x.reshape(batch, f, h, w, p_t, p_h, p_w, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-        return x.reshape(batch, f * p_t, h * p_h, w * p_w, -1)
+class BlockResidual:
+    """A step cache's hold on the transformer's blocks (sampling/magcache.py), one per branch of the guidance pair:
+    with `skip`, a call adds `residual` (the blocks' output minus their input, kept from an earlier step) to block
+    0's input instead of running the blocks; without, it runs them and keeps their residual here."""
+
+    def __init__(self):
+        self.skip = False
+        self.residual: mx.array | None = None

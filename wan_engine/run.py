@@ -1,0 +1,79 @@
+"""One run as the engine's stages fill it in (`Run`), and what its progress says: the time of each denoising step
+and what is left (`StepTimer`, which knows the steps a step cache skips), the decode's pieces.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from .parallel.share import ALONE
+from .record import StageClock
+from .request import GenerationRequest, Result
+
+
+def decode_message(done: int, total: int, tiled: bool, latent_frames: int) -> str:
+    """Progress of the decode: tiles, latent frames, or strips of latent frames (WanVAE.decode_chunks)."""
+    if tiled:
+        return f"decoded tile {done}/{total}"
+    strips = total // latent_frames
+    if strips == 1:
+        return f"decoded latent frame {done}/{total}"
+    strip, frame = divmod(done - 1, latent_frames)
+    return f"decoded strip {strip + 1}/{strips}, latent frame {frame + 1}/{latent_frames}"
+
+
+def drain(events):
+    """Run a generator of progress events to its end, unheard; what it returns."""
+    while True:
+        try:
+            next(events)
+        except StopIteration as end:
+            return end.value
+
+
+@dataclass
+class Run:
+    """One generation, as its stages fill it in."""
+    request: GenerationRequest  # with the model's defaults filled in
+    seed: int
+    negative_prompt: str
+    loras: list  # model_files.lora.Lora, read and checked
+    noise: mx.array | None
+    image: mx.array | None = None  # the first frame's pixels (image to video)
+    video_path: Path | None = None  # rank 0's
+    use_prompt_cache: bool = True
+    clock: StageClock = field(default_factory=StageClock)
+    handed_over: bool = False  # a group's other process: rank 0 encoded the text and the first frame
+    share: object = ALONE  # this process's share of the work (parallel/share.py)
+    context: mx.array | None = None  # text embeddings (1 or 2, 512, D)
+    prompt_tokens: dict | None = None
+    condition: mx.array | None = None  # the first frame's latent
+    latents: mx.array | None = None  # denoised
+    frames: list = field(default_factory=list)  # float frames, kept when the request asks
+    calibration: list | None = None  # a step cache's calibration: each step's magnitude ratio (no video is made)
+    cache_record: dict | None = None  # what the sidecar says of the step cache
+    result: Result | None = None
+
+
+class StepTimer:
+    """Seconds per denoising step and the time left. With a step cache's `plan` (True: the step runs the blocks),
+    steps that run the blocks and steps that skip them are timed apart, and the time left counts each kind."""
+
+    def __init__(self, plan: list[bool]):
+        self.plan = plan
+        self.start = self.last = time.perf_counter()
+        self.spent = {True: [], False: []}  # computed / skipped steps' seconds
+
+    def step_done(self, step: int) -> tuple[float, float, float]:
+        """After step `step` (1-based): (seconds since the first began, seconds per step so far, seconds left)."""
+        now = time.perf_counter()
+        self.spent[self.plan[step - 1]].append(now - self.last)
+        self.last = now
+        elapsed = now - self.start
+        per_kind = {kind: sum(times) / len(times) for kind, times in self.spent.items() if times}
+        computed = per_kind.get(True, elapsed / step)
+        skipped = per_kind.get(False, 0.0)  # a skipped step runs only what lies outside the blocks
+        left = sum(computed if kind else skipped for kind in self.plan[step:])
+        return elapsed, elapsed / step, left
