@@ -34,7 +34,7 @@ from wan_engine.model_files.loading import Snapshot  # noqa: E402
 from wan_engine.pipeline import LatentNormalizer, decode_frames  # noqa: E402
 from wan_engine.presets import load_preset  # noqa: E402
 from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402
-from wan_engine.video import to_uint8, write_video  # noqa: E402
+from wan_engine.outputs.video import to_uint8, write_video  # noqa: E402
 
 FULL = dict(
     text=dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,

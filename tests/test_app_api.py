@@ -21,7 +21,7 @@ import app
 from app_server import ROOT
 from test_lora import musubi_lora, shapes_of
 from wan_engine.model_files.demo import ensure_demo_model
-from wan_engine.video import read_video
+from wan_engine.outputs.video import read_video
 
 TIMEOUT_S = 120
 
@@ -241,3 +241,24 @@ def test_the_api_takes_the_sampler_and_the_step_cache(client, app_server):
     with pytest.raises(AppError, match="the magcache cache is not allowed with the dmd sampler"):
         client.predict(api_name="/text_to_video", prompt="x", width=96, height=64, frames=5, steps=3, guidance=1.0,
                        sampler="dmd", cache="magcache")
+
+
+def test_a_draft_and_its_finish_through_the_api(client, app_server):
+    """`decoder="tiny"` makes a draft whose latents are kept; /finish takes its file name and writes the full
+    quality video beside it; a video that is not a draft, or outside the output folder, is refused."""
+    updates = run(client, "/text_to_video", prompt="a drafted boat", width=96, height=64, frames=9, steps=2, seed=71,
+                  decoder="tiny")
+    video, _, settings, done, _ = updates[-1]
+    assert settings["decoder"] == "tiny" and "draft" in done
+    draft = app_server.output_dir / Path(video).name
+    assert draft.with_suffix(".latents").is_file()
+    updates = run(client, "/finish", video=draft.name)
+    finished, seed, settings, done, _ = updates[-1]
+    assert any("decoded latent frame" in update[3] for update in updates[:-1])
+    assert seed == 71 and settings["decoder"] == "full" and settings["finished_from"] == draft.name
+    assert "finished from the draft" in done and read_video(finished)[0].shape == (9, 64, 96, 3)
+    assert (app_server.output_dir / f"{draft.stem}-full.json").is_file()
+    with pytest.raises(AppError, match="is not a draft"):
+        client.predict(api_name="/finish", video=f"{draft.stem}-full.mp4")
+    with pytest.raises(AppError, match="is not in the output folder"):
+        client.predict(api_name="/finish", video="/etc/passwd")

@@ -196,3 +196,20 @@ def test_the_balanced_speed_caches_steps_and_the_history_puts_it_back(page, app_
     page.get_by_role("button", name="Use these settings").click()
     expect(page.get_by_label("Balanced (MagCache, about 2x)")).to_be_checked()
     expect(page.get_by_label("magcache", exact=True)).to_be_checked()
+
+
+def test_a_draft_shows_its_sharp_preview_and_finishes_in_full_quality(page, app_server):
+    page.get_by_label("Draft", exact=True).check()
+    visible(page.get_by_label("Prompt", exact=True)).fill("a drafted windmill")
+    generate_and_wait(page)
+    expect(page.locator("#progress")).to_contain_text("draft")
+    preview = page.locator("#live-preview img")
+    expect(preview).to_be_visible()
+    size = preview.evaluate("image => [image.naturalWidth, image.naturalHeight]")
+    assert size == [96, 64]  # the tiny decoder's picture at the video's size, not the latents' 6x4
+    finish = page.locator("#finish-draft")
+    expect(finish).to_be_visible()
+    finish.click()
+    expect(page.locator("#progress")).to_contain_text("finished from the draft", timeout=RUN_TIMEOUT_MS)
+    expect(finish).to_be_hidden()
+    assert len(list(app_server.output_dir.glob("wan-*-full.mp4"))) >= 1

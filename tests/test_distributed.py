@@ -34,7 +34,7 @@ from test_app_api import run
 from test_lora import musubi_lora, shapes_of
 from tiny_snapshots import sample_image
 from wan_engine import Engine, GenerationRequest, Result
-from wan_engine.video import read_video
+from wan_engine.outputs.video import read_video
 
 BAR = 1e-5  # max abs against one process; we measure ~2e-6
 MLX_LAUNCH = shutil.which("mlx.launch")
@@ -198,6 +198,19 @@ def test_frames_from_a_group_equal_one_process(processes, snapshots, inputs, one
         assert json.loads((out / "cancel-decode.json").read_text()) == {"cancelled_after": ["decode", 1]}
         assert not list(out.glob("cancel-*.mp4")) and not list(out.glob("close-*.mp4"))
         assert not list(out.glob("*.partial*"))
+
+
+def test_a_draft_in_a_group_is_decoded_by_rank_0_alone(tmp_path):
+    """The demo model's draft: every process denoises, rank 0 alone decodes with the tiny decoder and keeps the
+    latents; the frames are one process's."""
+    request = dict(prompt=PROMPT, width=96, height=64, frames=9, steps=3, guidance=5.0, seed=9, decoder="tiny")
+    *_, alone = Engine("demo", dtype="float32", output_dir=tmp_path / "alone").generate(
+        GenerationRequest(**request, keep_frames=True))
+    out = run_jobs(2, [{"name": "draft", "model": "demo", "preset": "normal", "request": request}], tmp_path)
+    outcome = json.loads((out / "draft.json").read_text())
+    assert outcome["sidecar"]["decoder"] == "tiny" and outcome["parallel"]["guidance"] == 2
+    assert (out / "draft.latents").is_file()
+    assert np.abs(np.load(out / "draft.npy") - alone.frames).max() < BAR
 
 
 def test_cli_in_a_group_from_a_hostfile_writes_one_video_and_one_sidecar(snapshots, one_process, inputs,

@@ -18,7 +18,7 @@ from wan_engine.pipeline import LatentNormalizer, decode_frames, frames_to_uint8
 from wan_engine.presets import available_presets, load_preset
 from wan_engine.model_files.prompt_cache import PromptEmbeddingCache, encoder_identity
 from wan_engine.models.vae import WanVAE, strip_layout
-from wan_engine.video import METADATA_TEXT_CHARS, VideoOutput, read_metadata, read_video, to_uint8
+from wan_engine.outputs.video import METADATA_TEXT_CHARS, VideoOutput, read_metadata, read_video, to_uint8
 
 SMALL = dict(width=64, height=64, frames=5, steps=2, seed=5)
 

@@ -23,7 +23,7 @@ from wan_engine import Engine, GenerationRequest, Result, WanError
 from wan_engine.model_files.cache_files import DamagedEntry, read_entry, write_entry
 from wan_engine.model_files.cache_files import cache_root
 from wan_engine.model_files.demo import ensure_demo_model
-from wan_engine.video import read_metadata, read_video, remove_stale_partials
+from wan_engine.outputs.video import read_metadata, read_video, remove_stale_partials
 
 SMALL = dict(width=64, height=64, frames=5, steps=2, seed=3)
 

@@ -18,7 +18,7 @@ from app_server import ROOT, running_app
 from browser import CHROMIUM, chromium
 from fault_tools import files_in, fill, hostile_pictures, small_disk
 from test_app_api import TIMEOUT_S, run, wait_until
-from wan_engine.video import read_metadata, read_video
+from wan_engine.outputs.video import read_metadata, read_video
 
 SMALL = dict(width=64, height=64, frames=5, steps=2)
 

@@ -23,7 +23,7 @@ from wan_engine.errors import WanError
 from wan_engine.model_files.loading import Snapshot
 from wan_engine.model_files.lora import transformer_shapes
 from wan_engine.model_files.packages import convert
-from wan_engine.video import read_metadata
+from wan_engine.outputs.video import read_metadata
 from wan_engine.model_files.weights import WAN_BLOCK_LAYERS, WAN_TOP_LAYERS, wan_layer_name
 
 BAR = 2e-3  # the bar on decoded frames, max abs

@@ -10,7 +10,7 @@ from conftest import SPECS, run_cli
 from tiny_snapshots import reference_frames, sample_image
 from wan_engine import CancelToken, Engine, GenerationRequest, Result
 from wan_engine.errors import Cancelled, WanError
-from wan_engine.video import read_metadata, read_video
+from wan_engine.outputs.video import read_metadata, read_video
 
 BAR = 2e-3  # the bar on decoded frames, max abs; we measure ~1e-5
 

@@ -18,7 +18,8 @@ import gradio as gr
 from PIL import Image
 
 from wan_engine import (
-    MAGCACHE_SETTING, Cancelled, GenerationRequest, ProgressEvent, Result, Stage, WanError, validate, warm_up,
+    MAGCACHE_SETTING, Cancelled, GenerationRequest, ProgressEvent, Result, Stage, WanError, read_draft_record,
+    validate, warm_up,
 )
 
 from . import history
@@ -59,20 +60,21 @@ class Studio:
     # -- the API ---------------------------------------------------------------------------------------------------
     def text_to_video(
         self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
-        options, request: gr.Request,
+        decoder, options, request: gr.Request,
     ):
         """Text to video. Streams progress updates; ends with the video, the seed used and the settings.
         `loras`: a list of "name:strength" (ui/loras.py); `sampler`: unipc, euler or dmd; `cache`: none or magcache
-        (the authors' TI2V-5B setting)."""
+        (the authors' TI2V-5B setting); `decoder`: full, or tiny (a draft, finished later by /finish)."""
         generation = self.generation_request(
             prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
-            options,
+            decoder, options,
         )
-        yield from self.run(generation, options, request.session_hash or "")
+        yield from self.run(lambda engine, token: engine.generate(generation, token), options,
+                            request.session_hash or "")
 
     def image_to_video(
         self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler,
-        cache, options, request: gr.Request,
+        cache, decoder, options, request: gr.Request,
     ):
         """Image to video: the video starts from `image`. Width and height 0 take the size from the image's aspect
         at the model's default area; explicit ones are honoured and the image is centre-cropped to their aspect.
@@ -81,10 +83,23 @@ class Studio:
         width, height = self.image_size(picture, width, height)
         generation = self.generation_request(
             prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
-            options,
+            decoder, options,
         )
         generation.image = str(self.save_first_frame(crop_to_aspect(picture, width, height)))
-        yield from self.run(generation, options, request.session_hash or "")
+        yield from self.run(lambda engine, token: engine.generate(generation, token), options,
+                            request.session_hash or "")
+
+    def finish(self, video, options, request: gr.Request):
+        """Finish a draft (a video made with the decoder "tiny"): its kept latents decoded in full quality, no
+        denoising repeated; the finished video joins the history beside its draft. `video`: the draft's file name
+        in the output folder (or its path there). Streams progress; ends with the video, the seed and the settings."""
+        draft = self.output_video(video)
+        try:
+            read_draft_record(draft)  # not a draft, or its latents gone: said before the run queues
+        except WanError as error:
+            raise gr.Error(str(error)) from None
+        yield from self.run(lambda engine, token: engine.finish(draft, cancel=token), options,
+                            request.session_hash or "")
 
     def stop(self, request: gr.Request):
         """Stop this session's generation within one step; nothing of it is written. Streams "Stopping", then
@@ -106,7 +121,7 @@ class Studio:
     # -- checking and preparing a request ---------------------------------------------------------------------------
     def generation_request(
         self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
-        options,
+        decoder, options,
     ) -> GenerationRequest:
         """The engine request for these form values; gr.Error (saying what is allowed) when one is wrong."""
         if seed is None or seed == -1:
@@ -118,7 +133,7 @@ class Studio:
             height=whole("height", height), frames=whole("frames", frames), steps=whole("steps", steps),
             guidance=number("guidance", guidance), shift=shift, sampler=sampler, seed=seed,
             fps=whole("fps", fps), preview=options["preview"], loras=engine_loras(loras, self.config.output_dir),
-            **cache_settings(cache),
+            decoder=decoder or "full", **cache_settings(cache),
         )
         try:  # the engine's own checks, before a model is loaded; it checks again with the model's constraints
             validate(generation, self.config.size_rules)
@@ -146,8 +161,17 @@ class Studio:
         return path
 
     # -- running ---------------------------------------------------------------------------------------------------
-    def run(self, generation: GenerationRequest, options: dict, session: str):
-        """Queue one run on the engine's thread and stream its updates (see runs.py: it outlives the page)."""
+    def output_video(self, video) -> Path:
+        """A video of the output folder, by name or by its path there; gr.Error for anything else."""
+        name = Path(str(video or "")).name
+        path = self.config.output_dir / name
+        if not name.endswith(".mp4") or not path.is_file():
+            raise gr.Error(f"the video {video!r} is not in the output folder: give the file name of one of its videos")
+        return path
+
+    def run(self, work, options: dict, session: str):
+        """Queue `work(engine, cancel_token)`, the engine's events of one run, on the engine's thread and stream its
+        updates (see runs.py: it outlives the page)."""
         group = self.config.group
         if group is not None and group.broken:  # its engine's thread may be stuck in a collective for good
             raise gr.Error(group.broken_message())
@@ -161,7 +185,7 @@ class Studio:
             return progress_update(waiting_text(f"Waiting for {ahead} run{'s' * (ahead > 1)} ahead of yours "
                                                 "(Stop leaves the line)"))
 
-        run = self.engine_thread.start(session, lambda run: self.generate(generation, options, run), waiting)
+        run = self.engine_thread.start(session, lambda run: self.generate(work, options, run), waiting)
         yield from run.stream()
 
     def warm_up(self, run: Run):
@@ -195,8 +219,8 @@ class Studio:
             yield warming_text(run.last_event)
         yield run.outcome if run is not None and run.outcome else READY_TEXT
 
-    def generate(self, generation: GenerationRequest, options: dict, run: Run):
-        """The run itself, on the engine's thread: open the engine if needed, then generate, as output tuples."""
+    def generate(self, work, options: dict, run: Run):
+        """The run itself, on the engine's thread: open the engine if needed, then `work` it, as output tuples."""
         # Each new latent preview goes out as a PNG of its own, sent again unchanged with the following updates:
         # Gradio copies a file into its cache once, while an image array would be rewritten there on every update,
         # under a client that may still be downloading it.
@@ -210,7 +234,7 @@ class Studio:
         try:
             engine = self.engines.get(self.config.model, options["preset"],
                                       report=lambda line: run.send(progress_update(waiting_text(line))))
-            for number, item in enumerate(engine.generate(generation, run.token)):
+            for number, item in enumerate(work(engine, run.token)):
                 if isinstance(item, Result):
                     history.make_still(item.video_path)
                     run.outcome = finished_text(item)
@@ -252,8 +276,12 @@ def progress_update(text: str, preview=None) -> tuple:
 
 
 def shown_settings(result: Result) -> dict:
-    """The settings a finished run shows (and the API returns): the request's, and its step cache's record."""
-    return {**result.settings, **({"cache": result.record.cache} if result.record.cache else {})}
+    """The settings a finished run shows (and the API returns): the request's, its step cache's record, and for a
+    draft or a finished one its decoder and where it was finished from."""
+    record = result.record
+    shown = {**result.settings, "decoder": record.decoder}
+    extra = {"cache": record.cache, "finished_from": record.finished_from}
+    return {**shown, **{key: value for key, value in extra.items() if value is not None}}
 
 
 def cache_settings(cache) -> dict:

@@ -7,6 +7,7 @@ the generation settings.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -26,6 +27,9 @@ QUALITY, BALANCED, FAST = "Quality (50 steps)", "Balanced (MagCache, about 2x)",
 SPEEDS = {QUALITY: (FULL_SAMPLER, NO_CACHE), BALANCED: (FULL_SAMPLER, STEP_CACHE), FAST: (FEW_STEP_SAMPLER, NO_CACHE)}
 SPEED_HELP = ("Balanced reuses work between Quality's steps (MagCache). Fast: 3 distilled steps, for FastWan models "
               "or a distillation LoRA.")
+DRAFT_HELP = "Decode fast with the tiny decoder; finish it in full quality later."
+DECODER_HELP = ("full: Wan's VAE. tiny: TAEW2.2, a draft in a fraction of the decode time, its latents kept so "
+                "Finish decodes it in full quality without denoising again (Draft).")
 CACHE_HELP = ("magcache: skip the transformer's blocks on steps whose work is predictable from the step before "
               "(Balanced). none: every step computes.")
 SAMPLER_HELP = (" ".join(f"{name}: {sampler.description}." for name, sampler in SAMPLERS.items())
@@ -57,6 +61,8 @@ class Results:
     seed: gr.Number
     settings: gr.JSON
     download: gr.DownloadButton
+    finish: gr.Button  # shown under a draft
+    video_name: gr.Textbox  # hidden: the shown video's file name, which Finish takes
 
     @property
     def outputs(self) -> list:
@@ -73,6 +79,8 @@ class History:
     settings: gr.JSON  # and its settings
     restore: gr.Button
     refresh: gr.Button
+    finish: gr.Button  # shown when the selected run is a draft
+    video_name: gr.Textbox  # hidden: the selected run's video file name
 
 
 def build_app(config: StudioConfig) -> gr.Blocks:
@@ -81,8 +89,10 @@ def build_app(config: StudioConfig) -> gr.Blocks:
         gr.Markdown(header_text(config))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=340):
-                speed = gr.Radio(list(SPEEDS), value=speed_of(config.sampler, NO_CACHE), label="Speed",
-                                 info=SPEED_HELP)
+                with gr.Row(equal_height=True):
+                    speed = gr.Radio(list(SPEEDS), value=speed_of(config.sampler, NO_CACHE), label="Speed",
+                                     info=SPEED_HELP, scale=4)
+                    draft = gr.Checkbox(False, label="Draft", info=DRAFT_HELP, scale=1, min_width=120)
                 with gr.Tabs() as tabs:
                     with gr.Tab("Text to video", id="text"):
                         text_form = build_form(config, TEXT_EXAMPLES, for_image=False)
@@ -91,6 +101,7 @@ def build_app(config: StudioConfig) -> gr.Blocks:
                 with gr.Accordion("Sampler, memory and live preview", open=False):
                     sampler = gr.Radio(list(SAMPLERS), value=config.sampler, label="Sampler", info=SAMPLER_HELP)
                     cache = gr.Radio([NO_CACHE, STEP_CACHE], value=NO_CACHE, label="Step cache", info=CACHE_HELP)
+                    decoder = gr.Radio(["full", "tiny"], value="full", label="Decoder", info=DECODER_HELP)
                     preset = gr.Radio(available_presets(), value=config.preset, label="Memory preset",
                                       info=preset_help())
                     live_preview = gr.Checkbox(True, label="Live preview",
@@ -105,11 +116,14 @@ def build_app(config: StudioConfig) -> gr.Blocks:
         live_preview.change(lambda on: gr.Image(visible=on), live_preview, results.preview, queue=False,
                             api_visibility="private")
         wire_speed(config, speed, sampler, cache, text_form, image_form)
-        run_inputs = [sampler, cache, options]  # after the form's: the handlers' last parameters
+        run_inputs = [sampler, cache, decoder, options]  # after the form's: the handlers' last parameters
+        draft.input(lambda on: "tiny" if on else "full", draft, decoder, queue=False, api_visibility="private")
+        decoder.input(lambda name: name == "tiny", decoder, draft, queue=False, api_visibility="private")
         wire_generation(text_form, studio.text_to_video, "text_to_video", run_inputs, results, past, studio)
         wire_generation(image_form, studio.image_to_video, "image_to_video", run_inputs, results, past, studio)
         # Stop sets the run's cancel token, and the run's own stream ends with "Stopped at step i/N". (Gradio's
         # `cancels` would cut that stream instead, racing its last updates against Stop's message.)
+        wire_finish(results, past, options, studio)
         gr.on([text_form.stop.click, image_form.stop.click], studio.stop, None, results.progress, api_name="stop",
               concurrency_limit=None)
         wire_history(past, studio, config, tabs, [speed, sampler, cache], text_form, image_form)
@@ -181,9 +195,10 @@ def build_results(progress_text: str) -> Results:
     with gr.Row(equal_height=True):
         seed = gr.Number(label="Seed used", precision=0, interactive=False, scale=2, placeholder="after a run")
         download = gr.DownloadButton("Download MP4", visible=False, scale=1)
+    finish = gr.Button("Finish in full quality", visible=False, variant="primary", elem_id="finish-draft")
     with gr.Accordion("Settings of this video (JSON)", open=False):
         settings = gr.JSON(label="Settings", show_label=False, elem_id="result-settings")
-    return Results(progress, preview, video, seed, settings, download)
+    return Results(progress, preview, video, seed, settings, download, finish, gr.Textbox(visible=False))
 
 
 def build_history() -> History:
@@ -200,8 +215,10 @@ def build_history() -> History:
                 settings = gr.JSON(label="Its settings", visible=False)
         with gr.Row():
             restore = gr.Button("Use these settings", interactive=False)
+            finish = gr.Button("Finish in full quality", visible=False, variant="primary")
             refresh = gr.Button("Refresh history")
-    return History(gallery, gr.State([]), gr.State(None), video, settings, restore, refresh)
+    return History(gallery, gr.State([]), gr.State(None), video, settings, restore, refresh, finish,
+                   gr.Textbox(visible=False))
 
 
 def wire_generation(form: Form, handler, api_name: str, run_inputs: list, results: Results, past: History,
@@ -210,15 +227,36 @@ def wire_generation(form: Form, handler, api_name: str, run_inputs: list, result
     handed on at once: the engine's thread runs them one at a time, in order, across both tabs (runs.py), and tells
     each how many runs are ahead of it, and Stop takes a waiting one out of the line."""
 
-    def show_download_and_history(video):
-        return gr.DownloadButton(value=video, visible=bool(video)), *studio.history()
-
     event = form.generate.click(
         handler, [*form.api_inputs, *run_inputs], results.outputs, api_name=api_name, concurrency_id="generation",
         concurrency_limit=studio.config.queue_size, show_progress_on=[results.progress], scroll_to_output=True,
     )
-    event.then(show_download_and_history, results.video, [results.download, past.gallery, past.records],
+    after_run(event, results, past, studio)
+
+
+def after_run(event, results: Results, past: History, studio: Studio) -> None:
+    """When a run has ended: its download link, Finish under a draft, and the history with it."""
+
+    def show(video, settings):
+        draft = bool(video) and (settings or {}).get("decoder") == "tiny"
+        return (gr.DownloadButton(value=video, visible=bool(video)), gr.Button(visible=draft),
+                Path(video).name if video else "", *studio.history())
+
+    event.then(show, [results.video, results.settings],
+               [results.download, results.finish, results.video_name, past.gallery, past.records],
                api_visibility="private")
+
+
+def wire_finish(results: Results, past: History, options, studio: Studio) -> None:
+    """Finish in full quality, under a draft and on a draft of the history: the /finish endpoint."""
+    common = dict(concurrency_id="generation", concurrency_limit=studio.config.queue_size,
+                  show_progress_on=[results.progress], scroll_to_output=True)
+    event = results.finish.click(studio.finish, [results.video_name, options], results.outputs, api_name="finish",
+                                 **common)
+    after_run(event, results, past, studio)
+    event = past.finish.click(studio.finish, [past.video_name, options], results.outputs, api_visibility="private",
+                              **common)
+    after_run(event, results, past, studio)
 
 
 def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, speed_choices: list, text_form: Form,
@@ -230,10 +268,10 @@ def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, spee
     def pick(runs: list, selection: gr.SelectData):
         run = runs[selection.index]
         return (run.record, gr.Video(run.video_path, visible=True), gr.JSON(run.shown(), visible=True),
-                gr.Button(interactive=True))
+                gr.Button(interactive=True), gr.Button(visible=run.record.decoder == "tiny"), run.record.video)
 
-    past.gallery.select(pick, past.records, [past.picked, past.video, past.settings, past.restore],
-                        api_visibility="private")
+    past.gallery.select(pick, past.records, [past.picked, past.video, past.settings, past.restore, past.finish,
+                                             past.video_name], api_visibility="private")
 
     def restore(record):
         """The picked run's settings (its wan_engine.RunRecord) into its tab's form (and that tab shown)."""

@@ -75,8 +75,13 @@ def finished_text(result) -> str:
         layout = result.parallel
         shared = (f"{layout['ranks']} processes (guidance x{layout['guidance']}, sequence x{layout['sequence']}), "
                   "peak memory of rank 0 ")
+    kind = ""
+    if record.decoder == "tiny":
+        kind = "**draft** (tiny decoder; Finish makes it full quality) · "
+    elif record.finished_from:
+        kind = f"finished from the draft `{record.finished_from}` · "
     return (
-        f"**Done** in {seconds(record.total_seconds)} · seed {result.seed} · "
+        f"**Done** in {seconds(record.total_seconds)} · {kind}seed {result.seed} · "
         f"{shared or 'peak memory '}{result.peak_memory_gib:.2f} GiB MLX, {result.process_peak_rss_gib:.2f} GiB "
         f"process · saved as `{result.video_path.name}`  \n"
         + " · ".join(stages) + "  \n" + tokens_text(result.prompt_tokens)

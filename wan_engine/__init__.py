@@ -18,7 +18,7 @@ The UI, the app and the CLI use only the names exported here.
 """
 
 from .version import __version__  # noqa: F401
-from .engine import Engine, recommended_settings
+from .engine import Engine
 from .errors import Cancelled, WanError
 from .follower import Follower
 from .images import open_image
@@ -31,16 +31,19 @@ from .parallel.group import ParallelGroup, join as join_group
 from .pipeline import DEFAULT_NEGATIVE_PROMPT
 from .presets import available_presets, load_preset
 from .record import RunRecord, Stage
-from .request import CancelToken, GenerationRequest, ProgressEvent, Result, SizeRules, validate
+from .request import (
+    CancelToken, GenerationRequest, ProgressEvent, Result, SizeRules, recommended_settings, validate,
+)
 from .sampling.magcache import AUTHORS_SETTING as MAGCACHE_SETTING, read_cache_ratios
 from .sampling.samplers import SAMPLERS
-from .video import remove_stale_partials
+from .outputs.drafts import read_draft_record
+from .outputs.video import remove_stale_partials
 from .warmup import warm_up
 
 __all__ = [
     "CancelToken", "Cancelled", "DEFAULT_MODEL", "DEFAULT_NEGATIVE_PROMPT", "DEMO_NOTICE", "Engine", "Follower",
     "GenerationRequest", "ParallelGroup", "ProgressEvent", "Result", "RunRecord", "SAMPLERS",
     "SizeRules", "Stage", "WanError", "available_presets", "convert", "join_group", "load_preset", "open_image",
-    "parse_lora", "partial_name", "read_cache_ratios", "recommended_settings", "remove_stale_partials",
+    "parse_lora", "partial_name", "read_cache_ratios", "read_draft_record", "recommended_settings", "remove_stale_partials",
     "resolve_model", "validate", "warm_up", "MAGCACHE_SETTING",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import (
     DEFAULT_MODEL, Cancelled, Engine, Follower, GenerationRequest, ProgressEvent, Result, Stage, WanError, convert,
-    join_group, parse_lora, read_cache_ratios, resolve_model, warm_up,
+    join_group, parse_lora, read_cache_ratios, read_draft_record, resolve_model, warm_up,
 )
 
 
@@ -69,6 +69,16 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the first steps always computed (default 0.2)")
     p.add_argument("--cache-ratios", default=None, metavar="FILE.json",
                    help="MagCache's ratios as calibrate-cache writes them; default: the published TI2V-5B ones")
+    p.add_argument("--decoder", default="full",
+                   help="full (default), or tiny: a draft decoded by the tiny decoder TAEW2.2 in a fraction of the "
+                        "time, its latents kept beside it for `finish`")
+    add_tiny_decoder_argument(p)
+
+
+def add_tiny_decoder_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiny-decoder", default=None, metavar="FILE_OR_FOLDER",
+                   help="TAEW2.2's taew2_2.safetensors (default: the model's own, the cache's, or downloaded once from "
+                        "the madebyollin/taehv repository)")
 
 
 def request_from(args, **more) -> GenerationRequest:
@@ -127,9 +137,11 @@ def run_generate(args) -> int:
         args, sampler=args.sampler, fps=args.fps, output=args.output, keep_frames=bool(args.save_frames),
         loras=[parse_lora(argument) for argument in args.lora], cache=cache, cache_threshold=args.cache_threshold,
         cache_max_skip=args.cache_max_skip, cache_retention=args.cache_retention,
-        cache_ratios=read_cache_ratios(args.cache_ratios) if cache and args.cache_ratios else None)
+        cache_ratios=read_cache_ratios(args.cache_ratios) if cache and args.cache_ratios else None,
+        decoder=args.decoder)
     bar = ProgressBar()
-    engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download, group=group)
+    engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download, group=group,
+                    tiny_decoder=args.tiny_decoder)
     if engine.notice:
         print(f"note: {engine.notice}", file=sys.stderr)
     result = None
@@ -186,6 +198,26 @@ def run_convert(args) -> int:
     return 0
 
 
+def add_finish_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="a draft's MP4 (made with --decoder tiny), its settings and latents beside it")
+    p.add_argument("--output", default=None, help="the MP4 to write (default: <draft>-full.mp4 beside the draft)")
+    p.add_argument("--preset", default="normal", help="memory preset of the decode: normal, low-ram, or a .json path")
+
+
+def run_finish(args) -> int:
+    record = read_draft_record(args.video)
+    bar = ProgressBar()
+    engine = Engine(record.settings.model, dtype=record.settings.dtype, preset=args.preset,
+                    download_progress=bar.download)
+    try:
+        result = yield_progress(engine.finish(args.video, args.output), bar)
+    finally:
+        bar.close()
+    print(f"wrote {result.video_path} (the draft {Path(args.video).name} in full quality, "
+          f"{result.timings['total_s']:.1f} s)")
+    return 0
+
+
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     add_request_arguments(p)
     p.add_argument("--output", required=True, metavar="FILE.json", help="where the ratios go, a JSON list")
@@ -206,12 +238,15 @@ def run_calibrate(args) -> int:
 
 
 def yield_progress(events, bar: ProgressBar):
-    """Show a generator's progress events on `bar`; what it returns."""
+    """Show a generator's progress events on `bar`; what it returns, or the Result it ends with."""
     while True:
         try:
-            bar.update(next(events))
+            item = next(events)
         except StopIteration as end:
             return end.value
+        if isinstance(item, Result):
+            return item
+        bar.update(item)
 
 
 def add_download_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,12 +281,13 @@ def main(argv=None) -> int:
     add_convert_arguments(commands.add_parser("convert", help="write a bf16 / q8 / q4 package that generate loads"))
     add_calibrate_arguments(commands.add_parser("calibrate-cache", help="measure MagCache's ratios for a model (a "
                                                                         "JSON list for --cache-ratios)"))
+    add_finish_arguments(commands.add_parser("finish", help="decode a draft (--decoder tiny) in full quality"))
     args = parser.parse_args(argv)
     # transformers (tokenizer only here) warns at import that PyTorch is absent, which is how we run
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         commands = {"generate": run_generate, "download": run_download, "convert": run_convert,
-                    "calibrate-cache": run_calibrate}
+                    "calibrate-cache": run_calibrate, "finish": run_finish}
         return commands[args.command](args)
     except WanError as e:
         print(f"error: {e}", file=sys.stderr)

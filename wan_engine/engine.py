@@ -23,31 +23,32 @@ from .errors import Cancelled, WanError
 from .model_files.cache_files import cache_root
 from .model_files.converted import ConvertedWeights
 from .model_files.demo import DEMO_NOTICE
-from .model_files.hub import find_local_model, resolve_model
+from .model_files.hub import resolve_model
 from .model_files.kernel_cache import keep_compiled_kernels
 from .model_files.loading import Snapshot
 from .model_files.prompt_cache import PromptEmbeddingCache, encoder_identity
-from .models.config import SHIPPED_CONFIGS, SchedulerConfig, TransformerConfig
 from .models.text_encoder import count_tokens, encode_prompts, prompt_clean
 from .parallel.group import ParallelGroup
 from .parallel.share import Layout, RankShare
 from .parts import LoadedParts
+from .outputs.drafts import draft_latents_entry, read_draft
 from .pipeline import (
-    DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, decode_frames, encode_image, frames_to_uint8, from_diffusers_layout,
-    generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
+    DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, decode_draft, decode_frames, encode_image, frames_to_uint8,
+    from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
 )
 from .presets import Preset, load_preset
-from .preview import calibrate, latent_preview
+from .outputs.preview import calibrate, latent_preview, tiny_preview
 from .record import RunRecord, RunSettings, Stage, gib, process_peak_rss_gib
-from .request import CancelToken, GenerationRequest, ProgressEvent, Result, SizeRules, validate
+from .request import (
+    CancelToken, GenerationRequest, ProgressEvent, Result, is_ti2v_5b, model_sampler, size_rules, validate,
+)
 from .run import Run, StepTimer, decode_message, drain
 from .sampling.magcache import MagCache, builtin_ratios
-from .sampling.samplers import SAMPLERS, make_sampler, sampler_defaults
+from .sampling.samplers import make_sampler, sampler_defaults
 from .version import __version__
-from .video import VideoOutput, prepare_folder, remove_stale_partials
+from .outputs.video import VideoOutput, prepare_folder, remove_stale_partials
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-WAN22_FLOW_SHIFT = 5.0  # Wan-AI/Wan2.2-TI2V-5B-Diffusers' scheduler config
 TEXT_LENGTH = 512  # Wan's text length: prompts are padded (with zeros past their end) to 512 tokens
 # What rank 0 hands the others of a request (with the seed it drew and the LoRAs)
 HANDED_OVER = ("width", "height", "frames", "steps", "guidance", "shift", "sampler", "cache", "cache_threshold",
@@ -57,39 +58,6 @@ HANDED_OVER = ("width", "height", "frames", "steps", "guidance", "shift", "sampl
 def default_dtype() -> str:
     """bfloat16 on a GPU; float32 on the CPU, where MLX's bfloat16 kernels are slow."""
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
-
-
-def model_sampler(snapshot: Snapshot) -> str:
-    """The sampler a model is made for. FastVideo's DMD-distilled checkpoints (FastWan2.2-TI2V-5B) name its
-    `WanDMDPipeline` in model_index.json: they default to the dmd sampler, 3 steps, no guidance."""
-    return "dmd" if snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
-
-
-def is_ti2v_5b(config: TransformerConfig) -> bool:
-    """Whether a transformer has Wan2.2 TI2V-5B's architecture (its published MagCache ratios apply)."""
-    return config == TransformerConfig.from_file(SHIPPED_CONFIGS / "transformer.json")
-
-
-def size_rules(snapshot: Snapshot) -> SizeRules:
-    """The sizes a model makes: multiples of its VAE's spatial factor times its patch, frames of its temporal one."""
-    vae, transformer = snapshot.vae_config, snapshot.transformer_config
-    return SizeRules(vae.scale_factor_spatial * transformer.patch_size[1], vae.scale_factor_temporal)
-
-
-def recommended_settings(model: str) -> dict:
-    """For a form filled before any engine is opened: {"sampler": the model's own sampler, "by_sampler": {name:
-    {sampler, steps, guidance, shift}}, "sizes": SizeRules}, read from the model's files when they are on this
-    machine (nothing is downloaded), else those of Wan2.2 TI2V-5B (UniPC, flow shift 5, multiples of 32, 4n+1)."""
-    snapshot = None
-    if root := find_local_model(model):
-        try:
-            snapshot = Snapshot.open(root)
-        except WanError:  # a broken folder: the engine says what is wrong when a run opens it
-            pass
-    config = snapshot.scheduler_config if snapshot else SchedulerConfig(flow_shift=WAN22_FLOW_SHIFT)
-    return {"sampler": model_sampler(snapshot) if snapshot else "unipc",
-            "by_sampler": {name: sampler_defaults(name, config) for name in SAMPLERS},
-            "sizes": size_rules(snapshot) if snapshot else SizeRules()}
 
 
 def apply_memory_limits(preset: Preset) -> None:
@@ -105,7 +73,7 @@ class Engine:
 
     def __init__(self, model, dtype: str | None = None, preset: str = "normal", output_dir="outputs",
                  download_progress=None, prompt_cache: PromptEmbeddingCache | None = None,
-                 group: ParallelGroup | None = None):
+                 group: ParallelGroup | None = None, tiny_decoder: str | None = None):
         keep_compiled_kernels()  # before anything compiles
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
@@ -128,7 +96,7 @@ class Engine:
         self.text_identity = encoder_identity(self.root, dtype, self.preset.text_encoder_quantization)
         self.converted = ConvertedWeights(self.snapshot, cache_root() / "converted")  # converted once, kept on disk
         self.parts = LoadedParts(self.snapshot, self.dtype, self.preset, self.converted, cache_root() / "tokenizers",
-                                 download_progress)
+                                 download_progress, tiny_decoder)
         self.preview_map = None  # latent -> RGB map, calibrated on the first run that asks for previews
         apply_memory_limits(self.preset)
 
@@ -197,6 +165,28 @@ class Engine:
         run.calibration = []
         yield from self._stages(run, cancel)
         return run.calibration
+
+    def finish(self, draft, output: str | None = None, cancel: CancelToken | None = None, keep_frames: bool = False):
+        """A draft (a video made with the tiny decoder) in full quality: its kept latents decoded by the full VAE,
+        no denoising repeated; the video and its sidecar (`finished_from` naming the draft) written beside the
+        draft as `<draft>-full.mp4` unless `output` says where. Yields progress events, then the Result."""
+        record, latents = read_draft(draft)
+        settings = record.settings
+        if settings.model != self.model:
+            raise WanError(f"the draft was made with the model {settings.model}, not this one ({self.model}): "
+                           "finish it with that model")
+        draft = Path(draft)
+        request = GenerationRequest(
+            prompt=settings.prompt, width=settings.width, height=settings.height, frames=settings.frames,
+            steps=settings.steps, guidance=settings.guidance, shift=settings.shift, sampler=settings.sampler,
+            seed=record.seed, fps=settings.fps, keep_frames=keep_frames)
+        video_path = Path(output) if output else draft.with_name(f"{draft.stem}-full.mp4")
+        prepare_folder(video_path, request.width, request.height, request.frames)
+        run = Run(request, record.seed, settings.negative_prompt, [], None, video_path=video_path,
+                  settings=settings, prompt_tokens=record.prompt_tokens, cache_record=record.cache,
+                  latents=mx.array(latents), finished_from=draft.name)
+        yield from self._decode(run, cancel)
+        yield run.result
 
     def follow(self, group: ParallelGroup, header: dict, arrays: dict) -> None:
         """A group's other process: rank 0's run from its hand-over on (`_hand_over`), the same stages."""
@@ -291,8 +281,10 @@ class Engine:
         return cached
 
     def _encode_image(self, run: Run, cancel: CancelToken | None):
-        """Image to video: the first frame's latent. And the live preview's colours, calibrated once with the VAE."""
-        calibrating = run.request.preview and self.preview_map is None
+        """Image to video: the first frame's latent. And the linear preview's colours, calibrated once with the VAE
+        (when the tiny decoder, which previews better, is not on this machine)."""
+        run.tiny_previews = run.request.preview and self.parts.tiny_decoder_on_disk()
+        calibrating = run.request.preview and not run.tiny_previews and self.preview_map is None
         if run.image is not None or calibrating:
             vae = yield from self.parts.load("vae", run.clock)
             if run.image is not None:
@@ -325,8 +317,8 @@ class Engine:
     def _rank_share(self, run: Run, group: ParallelGroup, layout: Layout) -> RankShare:
         request = run.request
         latent_grid = tuple(run.noise.shape[1:4])
-        tiled = self.vae_tile(request.width, request.height) is not None
-        strips = None if tiled else RankShare.strips(latent_grid[2], self.preset.vae_strip_width, group.size)
+        rank_0_alone = self.vae_tile(request.width, request.height) is not None or request.decoder == "tiny"
+        strips = None if rank_0_alone else RankShare.strips(latent_grid[2], self.preset.vae_strip_width, group.size)
         return RankShare(group, layout, latent_grid, self.transformer_config, request.steps, request.guidance, strips,
                          self.vae_config.scale_factor_spatial, self.dtype.size)
 
@@ -339,6 +331,7 @@ class Engine:
                                step_noise_key(run.seed))
         cache = self._step_cache(run)
         plan = None if cache is None else cache.plan(request.steps)
+        tiny = (yield from self.parts.load("tiny_decoder", run.clock)) if run.tiny_previews else None
         denoising = generate_latents(transformer, sampler, run.noise, run.context, request.guidance, run.condition,
                                      cancel, self.preset.cfg_batch, run.share, plan, run.calibration)
         run.clock.start()
@@ -347,7 +340,9 @@ class Engine:
             elapsed, per_step, left = timer.step_done(i)
             if i == 1:  # the first step compiles what the run's shapes need: measured apart
                 timings["denoise_first_step_s"] = round(elapsed, 4)
-            preview = latent_preview(latents, self.preview_map) if request.preview else None
+            preview = None
+            if request.preview:
+                preview = tiny_preview(tiny, latents) if tiny else latent_preview(latents, self.preview_map)
             skipped = " · blocks skipped (MagCache)" if plan is not None and not plan[i - 1] else ""
             yield ProgressEvent(Stage.DENOISE, f"step {i}/{request.steps}{skipped}", i, request.steps, elapsed,
                                 per_step, left, gib(mx.get_active_memory()), preview)
@@ -375,25 +370,31 @@ class Engine:
         if not run.share.decodes:
             return
         request, preset = run.request, self.preset
-        vae = yield from self.parts.load("vae", run.clock)
-        run.clock.start()
-        settings = self.settings(run)
+        tile = self.vae_tile(request.width, request.height)
+        if request.decoder == "tiny":  # a draft: on rank 0 alone (the others have no share of it)
+            tiny = yield from self.parts.load("tiny_decoder", run.clock)
+            run.clock.start()
+            decoding, tile = decode_draft(tiny, run.latents, cancel), None
+        else:
+            vae = yield from self.parts.load("vae", run.clock)
+            run.clock.start()
+            decoding = decode_frames(vae, self.normalizer, run.latents, cancel, tile, preset.vae_frame_by_frame,
+                                     preset.vae_strip_width, run.share)
+        settings = run.settings or self.settings(run)
         output = None
         if run.share.is_owner:
             output = VideoOutput(run.video_path, request.width, request.height, request.fps,
                                  {"title": request.prompt, "comment": dataclasses.asdict(settings)})
         try:
-            tile = self.vae_tile(request.width, request.height)
-            for done, total, frames in decode_frames(vae, self.normalizer, run.latents, cancel, tile,
-                                                     preset.vae_frame_by_frame, preset.vae_strip_width, run.share):
+            for done, total, frames in decoding:
                 if frames is not None:
                     output.add(frames_to_uint8(frames))
                     if request.keep_frames:
                         run.frames.append(np.array(frames))
-                yield ProgressEvent(Stage.DECODE, decode_message(done, total, tile is not None, run.latents.shape[1]),
-                                    done, total, memory_gib=gib(mx.get_active_memory()))
+                yield ProgressEvent(Stage.DECODE, decode_message(done, total, tile is not None, run.latents.shape[1])
+                                    + (" (tiny decoder)" if request.decoder == "tiny" else ""), done, total,
+                                    memory_gib=gib(mx.get_active_memory()))
             run.clock.lap(Stage.DECODE)
-            run.latents = None
             self._end_stage(cancel)
             if output is not None:
                 yield from self._save(run, settings, output)
@@ -414,9 +415,13 @@ class Engine:
             stage_peak_memory_gib=clock.stage_peaks, process_peak_rss_gib=process_peak_rss_gib(),
             stage_process_peak_rss_gib=clock.stage_rss, prompt_tokens=run.prompt_tokens, engine_version=__version__,
             video=run.video_path.name, created=datetime.now().isoformat(timespec="seconds"), notice=self.notice,
-            parallel=run.share.record(), cache=run.cache_record,
+            parallel=run.share.record(), cache=run.cache_record, decoder=run.request.decoder,
+            finished_from=run.finished_from,
         )
-        video_path, sidecar = output.land(record.to_dict())
+        draft = run.request.decoder == "tiny"
+        latents = draft_latents_entry(np.array(run.latents), run.video_path) if draft else None
+        run.latents = None
+        video_path, sidecar = output.land(record.to_dict(), latents)
         run.result = Result(video_path, sidecar, record,
                             np.concatenate(run.frames) if run.request.keep_frames else None)
 

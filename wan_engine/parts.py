@@ -17,6 +17,7 @@ from .model_files.converted import ConvertedWeights
 from .model_files.loading import Snapshot
 from .model_files.lora import AdapterSet, adapter_set, fuse, read_lora, transformer_shapes
 from .model_files.streamed_blocks import StreamedBlocks
+from .model_files.tiny_decoder import find_tiny_decoder, load_tiny_decoder, local_tiny_decoder
 from .model_files.tokenizer import load_prompt_tokenizer
 from .errors import WanError
 from .presets import Preset
@@ -58,11 +59,12 @@ class LoadedParts:
     quantized, compiled) and released as the memory policy says."""
 
     def __init__(self, snapshot: Snapshot, dtype, preset: Preset, converted: ConvertedWeights, tokenizers_folder,
-                 download_progress=None):
+                 download_progress=None, tiny_decoder: str | None = None):
         self.snapshot, self.dtype, self.preset, self.converted = snapshot, dtype, preset, converted
         self.policy = MemoryPolicy.from_preset(preset)
         self.tokenizers_folder = tokenizers_folder
         self.download_progress = download_progress  # Hub LoRAs are fetched when a request names them
+        self.tiny_decoder = tiny_decoder  # where its weights are, when given (model_files/tiny_decoder.py)
         self.loaded: dict = {}
         self.fused = AdapterSet()  # the LoRAs the loaded transformer holds
         self.transformer_shapes = transformer_shapes(snapshot.transformer_config)
@@ -89,6 +91,9 @@ class LoadedParts:
 
         if name == "tokenizer":
             part = load_prompt_tokenizer(self.snapshot.root / "tokenizer", self.tokenizers_folder)
+        elif name == "tiny_decoder":  # small (tens of MiB): kept beside anything
+            path = find_tiny_decoder(self.tiny_decoder, self.snapshot.root, self.download_progress)
+            part, origin = load_tiny_decoder(path, self.dtype), str(path)
         elif name == "text_encoder":
             # Streamed from its converted copy it fits beside the transformer; whole (no copy yet), it may not.
             streamed = self.policy.stream_text_encoder
@@ -120,6 +125,10 @@ class LoadedParts:
             del dropped
             gc.collect()  # a part's compiled graphs may hold it in reference cycles
             mx.clear_cache()
+
+    def tiny_decoder_on_disk(self) -> bool:
+        """Whether the tiny decoder can load without a download (live previews use it only then)."""
+        return "tiny_decoder" in self.loaded or local_tiny_decoder(self.tiny_decoder, self.snapshot.root) is not None
 
     def streamed_read_s(self) -> float:
         """Seconds a streamed text encoder spent reading its blocks since last asked: loading, as a whole load is."""

@@ -176,6 +176,15 @@ def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=N
         yield done, total, None if video is None else mx.array(video)
 
 
+def decode_draft(tiny_decoder, latents: mx.array, cancel=None):
+    """A draft's frames: the tiny decoder (models/taehv.py) on the normalized latents, a latent frame at a time,
+    yielding (done, total, frames (T_i, H, W, 3) float32 in [0, 1]) as decode_frames does."""
+    total = latents.shape[1]
+    for done, frames in enumerate(tiny_decoder.decode_chunks(latents), start=1):
+        ALONE.checkpoint(cancel)
+        yield done, total, frames.astype(mx.float32)
+
+
 def frames_to_uint8(frames: mx.array) -> np.ndarray:
     """Float frames in [0, 1] -> uint8 numpy, rounding to the nearest level (as video.to_uint8), on the device."""
     return np.array(mx.round(mx.clip(frames, 0.0, 1.0) * 255.0).astype(mx.uint8))

@@ -104,6 +104,8 @@ class RunRecord:
     parallel: dict | None = None  # a group's run: {"ranks", "guidance", "sequence", "exchanged_mib_per_step"}
     cache: dict | None = None  # a step cache's: {"kind", "threshold", "max_skip", "retention", "computed_steps",
     # "skipped_steps"}
+    decoder: str = "full"  # "tiny": a draft, whose latents are kept beside it for `finish`
+    finished_from: str | None = None  # a finished draft's: the draft video's file name
 
     def stage_seconds(self) -> dict:
         """Stage -> its seconds, for the stages the run went through (loading counted apart from the others)."""
@@ -121,7 +123,7 @@ class RunRecord:
         """The sidecar's JSON object (notice, parallel and cache only when they say something)."""
         record = asdict(self)
         return {name: value for name, value in record.items()
-                if value is not None or name not in ("notice", "parallel", "cache")}
+                if value is not None or name not in ("notice", "parallel", "cache", "finished_from")}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunRecord":

@@ -1,5 +1,6 @@
 """What a caller hands the engine and hears back: a `GenerationRequest`, the `ProgressEvent`s of its `Stage`s, a
-`CancelToken` to stop it, and the `Result`; and the checks a request passes before any model is loaded.
+`CancelToken` to stop it, and the `Result`; the checks a request passes before any model is loaded; and what a
+model recommends for a request (its sampler and settings, its sizes) before any engine is opened.
 """
 
 import threading
@@ -9,9 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import WanError
+from .model_files.hub import find_local_model
+from .model_files.loading import Snapshot
+from .models.config import SHIPPED_CONFIGS, SchedulerConfig, TransformerConfig
 from .record import RunRecord, Stage
 from .sampling.magcache import KIND as MAGCACHE, check_ratios, check_settings
-from .sampling.samplers import SAMPLERS
+from .sampling.samplers import SAMPLERS, sampler_defaults
+
+WAN22_FLOW_SHIFT = 5.0  # Wan-AI/Wan2.2-TI2V-5B-Diffusers' scheduler config
 
 
 class CancelToken:
@@ -57,6 +63,10 @@ class GenerationRequest:
     cache_max_skip: int = 3
     cache_retention: float = 0.2
     cache_ratios: list | None = None
+    decoder: str = "full"  # "tiny": a draft, decoded by the tiny decoder, its latents kept for `Engine.finish`
+
+
+DECODERS = ("full", "tiny")
 
 
 @dataclass
@@ -161,6 +171,8 @@ def validate(request: GenerationRequest, sizes: SizeRules) -> None:
         raise WanError(f"seed {request.seed} is not allowed: it must be between 0 and 2^63-1")
     if request.cache is not None:
         validate_cache(request, few_step)
+    if request.decoder not in DECODERS:
+        raise WanError(f"decoder {request.decoder!r} is not allowed: choose full, or tiny (a draft, finished later)")
 
 
 def validate_cache(request: GenerationRequest, few_step: bool) -> None:
@@ -172,3 +184,36 @@ def validate_cache(request: GenerationRequest, few_step: bool) -> None:
     check_settings(request.cache_threshold, request.cache_max_skip, request.cache_retention)
     if request.cache_ratios is not None:
         check_ratios(request.cache_ratios, "the cache's ratios")
+
+
+def model_sampler(snapshot: Snapshot) -> str:
+    """The sampler a model is made for. FastVideo's DMD-distilled checkpoints (FastWan2.2-TI2V-5B) name its
+    `WanDMDPipeline` in model_index.json: they default to the dmd sampler, 3 steps, no guidance."""
+    return "dmd" if snapshot.pipeline_class == "WanDMDPipeline" else "unipc"
+
+
+def is_ti2v_5b(config: TransformerConfig) -> bool:
+    """Whether a transformer has Wan2.2 TI2V-5B's architecture (its published MagCache ratios apply)."""
+    return config == TransformerConfig.from_file(SHIPPED_CONFIGS / "transformer.json")
+
+
+def size_rules(snapshot: Snapshot) -> SizeRules:
+    """The sizes a model makes: multiples of its VAE's spatial factor times its patch, frames of its temporal one."""
+    vae, transformer = snapshot.vae_config, snapshot.transformer_config
+    return SizeRules(vae.scale_factor_spatial * transformer.patch_size[1], vae.scale_factor_temporal)
+
+
+def recommended_settings(model: str) -> dict:
+    """For a form filled before any engine is opened: {"sampler": the model's own sampler, "by_sampler": {name:
+    {sampler, steps, guidance, shift}}, "sizes": SizeRules}, read from the model's files when they are on this
+    machine (nothing is downloaded), else those of Wan2.2 TI2V-5B (UniPC, flow shift 5, multiples of 32, 4n+1)."""
+    snapshot = None
+    if root := find_local_model(model):
+        try:
+            snapshot = Snapshot.open(root)
+        except WanError:  # a broken folder: the engine says what is wrong when a run opens it
+            pass
+    config = snapshot.scheduler_config if snapshot else SchedulerConfig(flow_shift=WAN22_FLOW_SHIFT)
+    return {"sampler": model_sampler(snapshot) if snapshot else "unipc",
+            "by_sampler": {name: sampler_defaults(name, config) for name in SAMPLERS},
+            "sizes": size_rules(snapshot) if snapshot else SizeRules()}

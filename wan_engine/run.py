@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .parallel.share import ALONE
-from .record import StageClock
+from .record import RunSettings, StageClock
 from .request import GenerationRequest, Result
 
 
@@ -54,6 +54,9 @@ class Run:
     frames: list = field(default_factory=list)  # float frames, kept when the request asks
     calibration: list | None = None  # a step cache's calibration: each step's magnitude ratio (no video is made)
     cache_record: dict | None = None  # what the sidecar says of the step cache
+    tiny_previews: bool = False  # live previews through the tiny decoder
+    settings: RunSettings | None = None  # a finished draft's: the draft's settings
+    finished_from: str | None = None  # a finished draft's: the draft video's name
     result: Result | None = None
 
 

@@ -67,19 +67,21 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def entry_bytes(payload: bytes, meta: dict) -> bytes:
+    """An entry as stored: magic, header (meta, size, SHA-256 of the payload), payload."""
+    header = json.dumps({"meta": meta, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    return MAGIC + HEADER_LENGTH.pack(len(header)) + header + payload
+
+
 def write_entry(path, payload: bytes, meta: dict) -> bool:
     """Store `payload` with `meta` under `path`, atomically. Returns False when it could not be written (a full
     disk, no permission): a cache is an optimisation and never fails the work it speeds up."""
     path = Path(path)
-    header = json.dumps(
-        {"meta": meta, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    ).encode()
     partial = partial_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as f:
-            f.write(MAGIC + HEADER_LENGTH.pack(len(header)) + header)
-            f.write(payload)
+            f.write(entry_bytes(payload, meta))
         partial.replace(path)
         return True
     except OSError as error:

@@ -22,7 +22,7 @@ from ..models.config import TextEncoderConfig, TransformerConfig, VAEConfig
 from .weights import to_diffusers_layout
 
 log = logging.getLogger("wan_engine")
-DEMO_VERSION = 2  # 2: with a manifest of checksums
+DEMO_VERSION = 3  # 2: with a manifest of checksums; 3: with a tiny decoder
 MANIFEST = "MANIFEST.json"
 DEMO_NOTICE = "demo model: random weights, so the video is noise-like; it shows the app working, not Wan2.2"
 
@@ -143,10 +143,23 @@ def write_demo_snapshot(root: Path, seed: int = 0) -> None:
         save_sharded(random_weights(module, rng), folder, stem, shards)
         del module
         mx.clear_cache()
+    write_tiny_decoder(root / "tiny_decoder", rng)
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
     (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     (root / "DEMO.txt").write_text(DEMO_NOTICE + "\n")
+
+
+def write_tiny_decoder(folder: Path, rng: np.random.Generator) -> None:
+    """A random TAEW2.2 decoder (narrow: widths 32, 16, 8, 8) in the published layout."""
+    from safetensors.numpy import save_file
+
+    from ..models.taehv import WEIGHTS_FILE, TAEHVConfig, TAEHVDecoder
+
+    weights = random_weights(TAEHVDecoder(TAEHVConfig(widths=(32, 16, 8, 8))), rng)  # torch's kernel order
+    weights["decoder.22.bias"] += 0.5  # frames around mid-grey, as a trained decoder's are
+    folder.mkdir()
+    save_file({key: np.ascontiguousarray(value) for key, value in weights.items()}, str(folder / WEIGHTS_FILE))
 
 
 def file_digests(root: Path) -> dict:

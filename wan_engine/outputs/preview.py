@@ -1,4 +1,6 @@
-"""Live previews while denoising: a linear map from the latent channels to RGB, no VAE decode.
+"""Live previews while denoising: the tiny decoder's picture of the middle latent frame at the video's resolution
+(half of it above 640 pixels wide), when the tiny decoder is on this machine; else a linear map from the latent
+channels to RGB, no decoder at all.
 
 The map is calibrated once per model by encoding a few synthetic colour images with the model's own VAE and
 fitting RGB (averaged over each latent pixel's patch) from the normalized latents by ridge regression. That
@@ -36,6 +38,18 @@ def calibrate(vae, normalizer, spatial: int) -> np.ndarray:
     y = np.concatenate(targets)
     ridge = 1e-2 * np.eye(x.shape[1], dtype=np.float32)
     return np.linalg.solve(x.T @ x + ridge, x.T @ y).astype(np.float32)
+
+
+HALVED_ABOVE = 640  # preview widths above this are halved: a sharp picture, a light PNG
+
+
+def tiny_preview(tiny_decoder, latents: mx.array) -> np.ndarray:
+    """The middle latent frame of (1, F, h, w, C) latents through the tiny decoder, as if it began the video (its
+    memory empty): one uint8 RGB frame."""
+    middle = latents.shape[1] // 2
+    (frame,) = tiny_decoder.decode_chunks(latents[:, middle : middle + 1])
+    image = np.array(mx.round(frame[-1] * 255).astype(mx.uint8))
+    return image[::2, ::2] if image.shape[1] > HALVED_ABOVE else image
 
 
 def latent_preview(latents: mx.array, rgb_map: np.ndarray, scale: int = 4) -> np.ndarray:

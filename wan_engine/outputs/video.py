@@ -27,8 +27,8 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from .model_files.cache_files import partial_name, stale_partials
-from .errors import WanError
+from ..errors import WanError
+from ..model_files.cache_files import partial_name, stale_partials
 
 METADATA_TEXT_CHARS = 2000  # longest text kept in one MP4 tag
 CRF = 10  # H.264 quality (imageio-ffmpeg's quality 8 of 10)
@@ -72,13 +72,20 @@ def prepare_folder(path: Path, width: int, height: int, frames: int) -> None:
                        "another output folder")
 
 
+def draft_latents_path(video: Path) -> Path:
+    """Where a draft's final latents are kept: beside its video."""
+    return video.with_suffix(".latents")
+
+
 def remove_stale_partials(folder) -> None:
     """Clear the partial files in `folder` whose writing process is gone (cache_files.stale_partials). One case
-    is finished instead of removed: a sidecar whose video already landed (the process died between the two
-    renames; the sidecar was written whole before the video was renamed), so a finished video is never lost."""
+    is finished instead of removed: a sidecar or a draft's latents whose video already landed (the process died
+    between the renames; they were written whole before the video was renamed), so a finished video is never
+    lost."""
     for partial, final in stale_partials(folder):
         try:
-            if final.suffix == ".json" and final.with_suffix(".mp4").is_file() and not final.exists():
+            landed = final.suffix in (".json", ".latents") and final.with_suffix(".mp4").is_file()
+            if landed and not final.exists():
                 partial.replace(final)
             else:
                 partial.unlink(missing_ok=True)
@@ -118,6 +125,8 @@ class VideoOutput:
         self.size = (width, height)
         self.partial = partial_name(self.path)
         self.sidecar_partial = partial_name(self.sidecar_path)
+        self.latents_path = draft_latents_path(self.path)
+        self.latents_partial = partial_name(self.latents_path)
         self.tags_file = partial_name(self.path.with_suffix(".ffmeta"))
         self.frames = 0
         self.error = None
@@ -166,20 +175,26 @@ class VideoOutput:
                 raise self.failure(self.error, f"ffmpeg ended with status {status}")
             self._check_readable()
 
-    def land(self, record: dict | None) -> tuple[Path, Path | None]:
-        """After `close`: write the sidecar (`record`; None: no sidecar) and rename both files into place, the
-        sidecar last; WanError (nothing left behind) when any of it fails."""
+    def land(self, record: dict | None, draft_latents: bytes | None = None) -> tuple[Path, Path | None]:
+        """After `close`: write the sidecar (`record`; None: no sidecar) and a draft's latents (a cache entry, the
+        `.latents` file beside the video) and rename them into place after the video, the sidecar last; WanError
+        (nothing left behind) when any of it fails."""
         with self._aborting_on_error():
             if record is not None:
                 write_durably(self.sidecar_partial, json.dumps(record, indent=2, ensure_ascii=False).encode())
+            if draft_latents is not None:
+                write_durably(self.latents_partial, draft_latents)
             write_durably(self.partial)  # on disk before its name says it is whole
             self.partial.replace(self.path)
-            if record is not None:
-                try:
+            try:
+                if draft_latents is not None:
+                    self.latents_partial.replace(self.latents_path)
+                if record is not None:
                     self.sidecar_partial.replace(self.sidecar_path)
-                except OSError:
-                    self.path.unlink(missing_ok=True)  # together or not at all
-                    raise
+            except OSError:
+                self.path.unlink(missing_ok=True)  # together or not at all
+                self.latents_path.unlink(missing_ok=True)
+                raise
         self._remove_partials()
         return self.path, self.sidecar_path if record is not None else None
 
@@ -211,7 +226,7 @@ class VideoOutput:
             self.thread.join()
 
     def _remove_partials(self) -> None:
-        for path in (self.partial, self.sidecar_partial, self.tags_file):
+        for path in (self.partial, self.sidecar_partial, self.latents_partial, self.tags_file):
             path.unlink(missing_ok=True)
 
     def _check_readable(self) -> None:
