@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="outputs", help="where videos and their settings go (default outputs/)")
     parser.add_argument("--queue-size", type=int, default=20,
                         help="how many requests may wait for their turn (default 20)")
+    parser.add_argument("--prompt-model", default=None,
+                        help="the model of Improve prompt (default: a 4-bit Qwen2.5 instruct model; needs "
+                             "`pip install -r requirements-prompt.txt`)")
     parser.add_argument("--no-warmup", action="store_true",
                         help="load the model on the first Generate instead of at launch with a short warm-up run")
     args = parser.parse_args(argv)
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
         print(f"Waiting for the {group.size - 1} other processes of the group to open the model", flush=True)
         group.wait_for_all()  # before the warm-up, which in a group is a shared run
     app = build_app(StudioConfig(model, args.preset, output_dir, recommended_settings(model), not args.no_warmup,
-                                 group, args.queue_size))
+                                 group, args.queue_size, args.prompt_model))
     app.queue(max_size=args.queue_size)
     try:
         _, local_url, share_url = app.launch(

@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from wan_engine.model_files.demo import build_tokenizer  # noqa: E402
-from wan_engine.engine import Engine, GenerationRequest, Result, apply_memory_limits  # noqa: E402
+from wan_engine import Engine, GenerationRequest, Result  # noqa: E402
+from wan_engine.presets import apply_memory_limits  # noqa: E402
 from wan_engine.model_files.loading import Snapshot  # noqa: E402
 from wan_engine.pipeline import LatentNormalizer, decode_frames  # noqa: E402
 from wan_engine.presets import load_preset  # noqa: E402

@@ -262,3 +262,22 @@ def test_a_draft_and_its_finish_through_the_api(client, app_server):
         client.predict(api_name="/finish", video=f"{draft.stem}-full.mp4")
     with pytest.raises(AppError, match="is not in the output folder"):
         client.predict(api_name="/finish", video="/etc/passwd")
+
+
+def test_the_api_continues_a_video_and_tells_a_story(client, app_server):
+    """`extend` (a video file), `overlap_frames` and `continuations` (a list of prompts) on /text_to_video."""
+    first = run(client, "/text_to_video", prompt="a lighthouse", width=96, height=64, frames=9, steps=2, seed=81)
+    source = first[-1][0]
+    updates = run(client, "/text_to_video", prompt="the light turns on", width=96, height=64, frames=9, steps=2,
+                  seed=82, extend=handle_file(source), overlap_frames=5, continuations=["a ship passes"])
+    progress = [update[3] for update in updates]
+    assert any("segment 2 of 2, step 1/2" in line for line in progress)
+    video, _, _, done, _ = updates[-1]
+    assert "2 segments, continuing a video of 9 frames" in done
+    assert len(read_video(video)[0]) == 9 + 2 * (9 - 5)
+    sidecar = json.loads(next(app_server.output_dir.glob("wan-*-82.json")).read_text())
+    assert [segment["prompt"] for segment in sidecar["segments"]] == ["the light turns on", "a ship passes"]
+    assert sidecar["source"]["frame_count"] == 9
+    with pytest.raises(AppError, match=re.escape("Value: 3 is not in the list of choices: [1, 5, 9, 13, 17]")):
+        client.predict(api_name="/text_to_video", prompt="x", width=96, height=64, frames=9, steps=2,
+                       extend=handle_file(source), overlap_frames=3)

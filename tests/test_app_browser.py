@@ -213,3 +213,23 @@ def test_a_draft_shows_its_sharp_preview_and_finishes_in_full_quality(page, app_
     expect(page.locator("#progress")).to_contain_text("finished from the draft", timeout=RUN_TIMEOUT_MS)
     expect(finish).to_be_hidden()
     assert len(list(app_server.output_dir.glob("wan-*-full.mp4"))) >= 1
+
+
+def test_continue_this_video_tells_a_story_and_the_history_puts_it_back(page, app_server):
+    visible(page.get_by_label("Prompt", exact=True)).fill("a lighthouse at dusk")
+    generate_and_wait(page)
+    page.locator("#continue-video").click()
+    expect(page.locator("#extend-last-frame img")).to_be_visible(timeout=15_000)  # the source's last frame
+    expect(visible(page.get_by_label("Prompt", exact=True))).to_have_value("")
+    visible(page.get_by_label("Prompt", exact=True)).fill("the light turns on")
+    page.get_by_label("Story", exact=True).check()
+    page.locator("#next-segments textarea").fill("a ship passes\nthe night falls")
+    visible(page.get_by_role("button", name="Generate", exact=True)).click()
+    expect(page.locator("#progress")).to_contain_text("3 segments, continuing a video", timeout=RUN_TIMEOUT_MS)
+    page.reload()
+    newest = page.get_by_role("button", name=re.compile(r"^Thumbnail 1 of"))
+    expect(newest).to_be_visible(timeout=15_000)
+    newest.click()
+    page.get_by_role("button", name="Use these settings").click()
+    expect(visible(page.get_by_label("Prompt", exact=True))).to_have_value("the light turns on")
+    expect(page.locator("#next-segments textarea")).to_have_value("a ship passes\nthe night falls")

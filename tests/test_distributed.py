@@ -57,12 +57,15 @@ CASES = {
     "magcache": ("small", "normal", dict(width=96, height=64, frames=9, steps=8, guidance=5.0, seed=7, **MAGCACHE)),
     "magcache-low-ram-no-guidance": ("wide", "low-ram", dict(width=128, height=64, frames=5, steps=8, guidance=1.0,
                                                              seed=8, **MAGCACHE)),
+    # a story: each segment handed over with its given latent frames (the last 5 frames of the one before)
+    "story": ("small", "normal", dict(width=96, height=64, frames=9, steps=2, guidance=5.0, seed=10,
+                                      continuations=["it turns around"], overlap_frames=5)),
 }
 LAYOUTS = {  # processes -> case -> the layout the sidecar records
     2: {"t2v": (2, 1), "t2v-no-guidance": (1, 2), "i2v": (2, 1), "low-ram": (2, 1), "low-ram-i2v-no-guidance": (1, 2),
-        "lora-dmd": (1, 2), "magcache": (2, 1), "magcache-low-ram-no-guidance": (1, 2)},
+        "lora-dmd": (1, 2), "magcache": (2, 1), "magcache-low-ram-no-guidance": (1, 2), "story": (2, 1)},
     4: {"t2v": (2, 2), "t2v-no-guidance": (1, 4), "i2v": (2, 2), "low-ram": (2, 2), "low-ram-i2v-no-guidance": (1, 4),
-        "lora-dmd": (1, 4), "magcache": (2, 2), "magcache-low-ram-no-guidance": (1, 4)},
+        "lora-dmd": (1, 4), "magcache": (2, 2), "magcache-low-ram-no-guidance": (1, 4), "story": (2, 2)},
 }
 
 

@@ -1,6 +1,7 @@
 """Engine features around the pipeline: the prompt-embedding cache, live previews, tiled VAE decoding, memory
 presets and the demo model."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from wan_engine.models import vae_tiling
 from wan_engine import Engine, GenerationRequest, Result
 from wan_engine.errors import WanError
@@ -260,3 +261,29 @@ def test_prompt_embeddings_are_keyed_by_the_text_encoders_files_not_only_their_s
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert encoder_identity(root, "float32", None) != before
+
+
+def test_the_text_encoder_stays_loaded_when_the_machine_has_the_memory(snapshots, tmp_path, monkeypatch):
+    """keep_resident: null decides from the machine's memory (this one's is under 40 GiB: released, as before; a
+    64 GiB Mac's working set keeps it); true keeps it; the sidecar says which and why."""
+    import wan_engine.parts as parts
+
+    request = GenerationRequest(prompt="a kept encoder", width=64, height=64, frames=5, steps=1)
+    engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path / "auto")
+    *_, result = engine.generate(request)
+    assert "text_encoder" not in engine.parts
+    decision = json.loads(result.sidecar_path.read_text())["text_encoder"]
+    assert decision["kept_between_videos"] is False and "under the 40 GiB" in decision["why"]
+    monkeypatch.setattr(parts, "machine_memory_gib", lambda: (48.0, "Metal's recommended working set"))
+    roomy = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path / "roomy")
+    *_, result = roomy.generate(dataclasses.replace(request, prompt="a new prompt"))
+    assert "text_encoder" in roomy.parts
+    assert json.loads(result.sidecar_path.read_text())["text_encoder"] == {
+        "kept_between_videos": True, "why": "Metal's recommended working set is 48 GiB, at least the 40 GiB that keep "
+                                             "it beside the rest"}
+    *events, _ = roomy.generate(dataclasses.replace(request, prompt="another new prompt"))
+    assert not any(e.message == "loading the text encoder" for e in events)  # a new prompt loads nothing
+    preset = tmp_path / "kept.json"
+    preset.write_text(json.dumps({**json.loads((ROOT / "presets/low-ram.json").read_text()), "keep_resident": True}))
+    kept = Engine(snapshots["small"], dtype="float32", preset=str(preset), output_dir=tmp_path / "kept")
+    assert kept.parts.policy.text_encoder_decision == "the kept preset's keep_resident is true"

@@ -20,6 +20,7 @@ class StudioConfig:
     warmup: bool = True  # load the model and run a small warm-up generation at launch (handlers.Studio.warm_up)
     group: object = None  # wan_engine.ParallelGroup when mlx.launch started the app (this is rank 0), else None
     queue_size: int = 20  # how many requests may wait for their turn (--queue-size)
+    prompt_model: str | None = None  # the prompt writer's model (--prompt-model); None: its default
 
     @property
     def demo(self) -> bool:

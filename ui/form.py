@@ -6,17 +6,19 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from wan_engine import DEFAULT_NEGATIVE_PROMPT
+from wan_engine import DEFAULT_NEGATIVE_PROMPT, extras_missing
 
 from .config import StudioConfig
 from .handlers import random_seed
 from .loras import HELP as LORA_HELP
 from .loras import lora_choices
 from .pictures import PictureInput, readable_picture
+from .story import StoryInputs, build_story
 from .sizes import crop_to_aspect, duration_text, parse_size, resolution_choices, size_for_aspect, size_label
 
 MAX_FRAMES = 241  # 10 s at 24 fps; the model was trained on 121
 UPLOAD_NOTE = "Upload a picture: the video starts from it, at its aspect."
+IMPROVE_HELP = "A few words are enough: Improve prompt writes them out as Wan's prompt extension does, for you to edit."
 NEGATIVE_PROMPT_HELP = "What the video should not show. The default is Wan's official one (in Chinese); empty for none."
 
 
@@ -51,18 +53,27 @@ class Form:
     generate: gr.Button
     stop: gr.Button
     image: gr.Image | None = None  # image to video only
+    story: StoryInputs | None = None  # text to video only: a video continued, several segments
+    improve: gr.Button | None = None  # Improve prompt (when the prompt writer is installed)
+    improve_status: gr.Markdown | None = None
 
     @property
     def api_inputs(self) -> list:
         """The inputs of /text_to_video or /image_to_video, in the handlers' parameter order."""
         settings = [self.prompt, self.negative_prompt, self.width, self.height, self.frames, self.steps,
                     self.guidance, self.shift, self.seed, self.fps, self.loras]
+        if self.story is not None:
+            return [*settings, *self.story.api_inputs]
         return settings if self.image is None else [self.image, *settings]
 
     @property
     def restorable(self) -> list:
         """What the history's "Use these settings" fills, in history.form_values' order."""
-        return [self.resolution, *self.api_inputs]
+        settings = [self.prompt, self.negative_prompt, self.width, self.height, self.frames, self.steps,
+                    self.guidance, self.shift, self.seed, self.fps, self.loras]
+        if self.story is not None:
+            return [self.resolution, *settings, *self.story.restorable]
+        return [self.resolution, self.image, *settings]
 
 
 def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Form:
@@ -78,7 +89,12 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
     with gr.Row():  # right under the prompt: on a phone it stays in the first screen
         generate = gr.Button("Generate", variant="primary", scale=3)
         stop = gr.Button("Stop", variant="stop", scale=1)
+    with gr.Row(equal_height=True):
+        missing = extras_missing(image=for_image)
+        improve = gr.Button("Improve prompt", size="sm", scale=1, visible=missing is None)
+        improve_status = gr.Markdown(IMPROVE_HELP if missing is None else f"Improve prompt: {missing}.")
     gr.Examples(examples, inputs=[prompt], label="Example prompts")
+    story = None if for_image else build_story()
 
     resolution, custom_size, width, height, frames = build_size_fields(config, for_image)
     duration = gr.Markdown(duration_text(defaults["frames"], defaults["fps"]))
@@ -114,7 +130,7 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
         resolution.change(text_size_fields, resolution, [width, height, custom_size], queue=False,
                           api_visibility="private")
     return Form(prompt, negative_prompt, resolution, width, height, frames, steps, guidance, shift, seed, fps,
-                loras, generate, stop, image)
+                loras, generate, stop, image, story, improve, improve_status)
 
 
 def build_size_fields(config: StudioConfig, for_image: bool) -> tuple:

@@ -18,8 +18,8 @@ import gradio as gr
 from PIL import Image
 
 from wan_engine import (
-    MAGCACHE_SETTING, Cancelled, GenerationRequest, ProgressEvent, Result, Stage, WanError, read_draft_record,
-    validate, warm_up,
+    MAGCACHE_SETTING, Cancelled, GenerationRequest, ProgressEvent, PromptWriter, Result, Stage, WanError,
+    extras_missing, read_draft_record, validate, warm_up,
 )
 
 from . import history
@@ -51,6 +51,7 @@ class Studio:
         self.first_frames_dir = config.output_dir / "inputs"
         self.previews_dir = Path(tempfile.mkdtemp(prefix="wan-studio-previews-"))
         self.runs_started = 0  # numbers the runs' preview files
+        self.prompt_writer = None  # Improve prompt's, opened on first use (on the engine's thread)
         history.remove_partials(config.output_dir)  # what runs killed while saving left behind
         history.make_missing_stills(config.output_dir)  # now, before any engine work (see history.py)
         # The warm-up is the engine thread's first job: a Generate clicked meanwhile waits behind it, and finds the
@@ -59,16 +60,27 @@ class Studio:
 
     # -- the API ---------------------------------------------------------------------------------------------------
     def text_to_video(
-        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
-        decoder, options, request: gr.Request,
-    ):
-        """Text to video. Streams progress updates; ends with the video, the seed used and the settings.
+        self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, extend=None,
+        overlap_frames=1, continuations=(), sampler=None, cache=None, decoder=None, options=None,
+        request: gr.Request = None,
+    ):  # defaults from `extend` on: an API client may leave the video to continue out (None, as Gradio reads it)
+        """Text to video; with `extend` (a video file), a continuation of it; with `continuations` (a list of
+        prompts), one more segment per prompt, each continuing the video so far from its last `overlap_frames`. Streams progress updates; ends with the video, the seed used and the settings.
         `loras`: a list of "name:strength" (ui/loras.py); `sampler`: unipc, euler or dmd; `cache`: none or magcache
         (the authors' TI2V-5B setting); `decoder`: full, or tiny (a draft, finished later by /finish)."""
         generation = self.generation_request(
             prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler, cache,
             decoder, options,
         )
+        generation.extend = str(extend) if extend else None
+        generation.overlap_frames = whole("overlap frames", overlap_frames)
+        if not isinstance(continuations, list) or not all(isinstance(prompt, str) for prompt in continuations):
+            raise gr.Error(f"continuations {continuations!r} are not allowed: give a list of prompts")
+        generation.continuations = list(continuations)
+        try:  # the story's checks, before a model is loaded
+            validate(generation, self.config.size_rules)
+        except WanError as error:
+            raise gr.Error(str(error)) from None
         yield from self.run(lambda engine, token: engine.generate(generation, token), options,
                             request.session_hash or "")
 
@@ -161,6 +173,36 @@ class Studio:
         return path
 
     # -- running ---------------------------------------------------------------------------------------------------
+    def improve_prompt(self, prompt, image=None, language="en", seed=-1, options=None, request: gr.Request = None):
+        """Improve prompt: `prompt` rewritten by the prompt writer (Wan's prompt extension: a small instruct model
+        and Wan's system prompt) for editing before Generate; with `image` (image to video) the writer looks at the
+        picture. `language`: en or zh; `seed` -1: greedy, else sampled with it. Streams (prompt, status): the
+        status while the writer's model loads, then the written prompt."""
+        if message := extras_missing(image=bool(image)):
+            raise gr.Error(message)
+        if not prompt or not prompt.strip():
+            raise gr.Error("the prompt is empty: write a few words for the writer to build on")
+        yield gr.skip(), waiting_text("Starting")
+        run = self.engine_thread.start(
+            request.session_hash if request else "", lambda run: self.write_prompt(prompt, image, language, seed, options),
+            lambda ahead: (gr.skip(), waiting_text(f"Waiting for {ahead} run{'s' * (ahead > 1)} ahead of yours")))
+        yield from run.stream()
+
+    def write_prompt(self, prompt, image, language, seed, options):
+        """On the engine's thread (MLX): the writer is kept between prompts, and released after each under the
+        low-RAM preset, before the video model needs the memory."""
+        yield gr.skip(), waiting_text("Writing: loading the prompt writer's model (downloaded once)")
+        writer = self.prompt_writer = self.prompt_writer or PromptWriter(self.config.prompt_model,
+                                                                         self.config.prompt_model)
+        try:
+            written = writer.write(prompt, image or None, language, None if seed in (None, -1) else int(seed))
+        except WanError as error:
+            raise gr.Error(str(error)) from None
+        finally:
+            if (options or {}).get("preset", self.config.preset) == "low-ram":
+                writer.release()
+        yield written, "**Written**: edit it if you like, then Generate."
+
     def output_video(self, video) -> Path:
         """A video of the output folder, by name or by its path there; gr.Error for anything else."""
         name = Path(str(video or "")).name

@@ -14,6 +14,7 @@ from wan_engine import RunRecord, partial_name, remove_stale_partials
 
 from .loras import lora_items
 from .sizes import CUSTOM, matching_choice
+from .story import story_values
 
 HISTORY_LIMIT = 60  # newest runs shown in the gallery
 CAPTION_CHARS = 60
@@ -121,8 +122,8 @@ def input_picture(record: RunRecord) -> str | None:
 
 def form_values(record: RunRecord, sizes: list[tuple[int, int]], for_image: bool, output_dir: Path) -> list:
     """A past run's settings in the order of Form.restorable: resolution, [image], prompt, negative prompt, width,
-    height, frames, steps, guidance, shift, seed, fps, LoRAs. Image-to-video sizes come back as Custom, exactly as
-    used."""
+    height, frames, steps, guidance, shift, seed, fps, LoRAs, [the story's: the video continued, overlap, Story mode,
+    the next prompts]. Image-to-video sizes come back as Custom, exactly as used."""
     settings = record.settings
     resolution = CUSTOM if for_image else matching_choice(settings.width, settings.height, sizes)
     values = [
@@ -130,5 +131,5 @@ def form_values(record: RunRecord, sizes: list[tuple[int, int]], for_image: bool
         settings.guidance, settings.shift, record.seed, settings.fps, lora_items(settings.loras, output_dir),
     ]
     if for_image:
-        values.insert(0, input_picture(record) or gr.skip())
-    return [resolution, *values]
+        return [resolution, input_picture(record) or gr.skip(), *values]
+    return [resolution, *values, *story_values(record, output_dir)]

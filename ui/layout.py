@@ -19,6 +19,7 @@ from .form import Form, build_form
 from .handlers import Studio
 from .loras import lora_choices
 from .progress import READY_TEXT, warming_text
+from .story import continue_values
 
 FULL_SAMPLER = "unipc"  # Wan's own
 FEW_STEP_SAMPLER = next(name for name, sampler in SAMPLERS.items() if sampler.few_step)
@@ -62,7 +63,8 @@ class Results:
     settings: gr.JSON
     download: gr.DownloadButton
     finish: gr.Button  # shown under a draft
-    video_name: gr.Textbox  # hidden: the shown video's file name, which Finish takes
+    continue_video: gr.Button  # shown under a video
+    video_name: gr.Textbox  # hidden: the shown video's file name, which Finish and Continue take
 
     @property
     def outputs(self) -> list:
@@ -80,6 +82,7 @@ class History:
     restore: gr.Button
     refresh: gr.Button
     finish: gr.Button  # shown when the selected run is a draft
+    continue_video: gr.Button
     video_name: gr.Textbox  # hidden: the selected run's video file name
 
 
@@ -124,6 +127,8 @@ def build_app(config: StudioConfig) -> gr.Blocks:
         # Stop sets the run's cancel token, and the run's own stream ends with "Stopped at step i/N". (Gradio's
         # `cancels` would cut that stream instead, racing its last updates against Stop's message.)
         wire_finish(results, past, options, studio)
+        wire_improve(text_form, image_form, options, studio)
+        wire_continue(results, past, tabs, text_form, config.output_dir)
         gr.on([text_form.stop.click, image_form.stop.click], studio.stop, None, results.progress, api_name="stop",
               concurrency_limit=None)
         wire_history(past, studio, config, tabs, [speed, sampler, cache], text_form, image_form)
@@ -195,10 +200,13 @@ def build_results(progress_text: str) -> Results:
     with gr.Row(equal_height=True):
         seed = gr.Number(label="Seed used", precision=0, interactive=False, scale=2, placeholder="after a run")
         download = gr.DownloadButton("Download MP4", visible=False, scale=1)
-    finish = gr.Button("Finish in full quality", visible=False, variant="primary", elem_id="finish-draft")
+    with gr.Row():
+        finish = gr.Button("Finish in full quality", visible=False, variant="primary", elem_id="finish-draft")
+        continue_video = gr.Button("Continue this video", visible=False, elem_id="continue-video")
     with gr.Accordion("Settings of this video (JSON)", open=False):
         settings = gr.JSON(label="Settings", show_label=False, elem_id="result-settings")
-    return Results(progress, preview, video, seed, settings, download, finish, gr.Textbox(visible=False))
+    return Results(progress, preview, video, seed, settings, download, finish, continue_video,
+                   gr.Textbox(visible=False))
 
 
 def build_history() -> History:
@@ -216,8 +224,9 @@ def build_history() -> History:
         with gr.Row():
             restore = gr.Button("Use these settings", interactive=False)
             finish = gr.Button("Finish in full quality", visible=False, variant="primary")
+            continue_video = gr.Button("Continue this video", interactive=False)
             refresh = gr.Button("Refresh history")
-    return History(gallery, gr.State([]), gr.State(None), video, settings, restore, refresh, finish,
+    return History(gallery, gr.State([]), gr.State(None), video, settings, restore, refresh, finish, continue_video,
                    gr.Textbox(visible=False))
 
 
@@ -240,11 +249,32 @@ def after_run(event, results: Results, past: History, studio: Studio) -> None:
     def show(video, settings):
         draft = bool(video) and (settings or {}).get("decoder") == "tiny"
         return (gr.DownloadButton(value=video, visible=bool(video)), gr.Button(visible=draft),
-                Path(video).name if video else "", *studio.history())
+                gr.Button(visible=bool(video) and not draft), Path(video).name if video else "", *studio.history())
 
     event.then(show, [results.video, results.settings],
-               [results.download, results.finish, results.video_name, past.gallery, past.records],
-               api_visibility="private")
+               [results.download, results.finish, results.continue_video, results.video_name, past.gallery,
+                past.records], api_visibility="private")
+
+
+def wire_continue(results: Results, past: History, tabs, text_form: Form, output_dir: Path) -> None:
+    """Continue this video, under a result and on a past run: the text tab with that video to continue."""
+    story = text_form.story
+    outputs = [tabs, story.section, story.extend, text_form.prompt]
+    for button, name in ((results.continue_video, results.video_name), (past.continue_video, past.video_name)):
+        button.click(lambda video: continue_values(output_dir / video), name, outputs, queue=False,
+                     api_visibility="private")
+
+
+def wire_improve(text_form: Form, image_form: Form, options, studio: Studio) -> None:
+    """Improve prompt beside each prompt box: the written prompt goes into the box, never straight into a run.
+    The text tab's is the /improve_prompt endpoint (prompt, image, language, seed)."""
+    language, seed, no_image = gr.State("en"), gr.State(-1), gr.State(None)
+    text_form.improve.click(studio.improve_prompt, [text_form.prompt, no_image, language, seed, options],
+                            [text_form.prompt, text_form.improve_status], api_name="improve_prompt",
+                            concurrency_id="generation")
+    image_form.improve.click(studio.improve_prompt, [image_form.prompt, image_form.image, language, seed, options],
+                             [image_form.prompt, image_form.improve_status], api_visibility="private",
+                             concurrency_id="generation")
 
 
 def wire_finish(results: Results, past: History, options, studio: Studio) -> None:
@@ -268,10 +298,11 @@ def wire_history(past: History, studio: Studio, config: StudioConfig, tabs, spee
     def pick(runs: list, selection: gr.SelectData):
         run = runs[selection.index]
         return (run.record, gr.Video(run.video_path, visible=True), gr.JSON(run.shown(), visible=True),
-                gr.Button(interactive=True), gr.Button(visible=run.record.decoder == "tiny"), run.record.video)
+                gr.Button(interactive=True), gr.Button(visible=run.record.decoder == "tiny"),
+                gr.Button(interactive=run.record.decoder != "tiny"), run.record.video)
 
     past.gallery.select(pick, past.records, [past.picked, past.video, past.settings, past.restore, past.finish,
-                                             past.video_name], api_visibility="private")
+                                             past.continue_video, past.video_name], api_visibility="private")
 
     def restore(record):
         """The picked run's settings (its wan_engine.RunRecord) into its tab's form (and that tab shown)."""

@@ -80,6 +80,9 @@ def finished_text(result) -> str:
         kind = "**draft** (tiny decoder; Finish makes it full quality) · "
     elif record.finished_from:
         kind = f"finished from the draft `{record.finished_from}` · "
+    if record.segments:
+        continued = f", continuing a video of {record.source['frame_count']} frames" if record.source else ""
+        kind += f"{len(record.segments)} segment{'s' * (len(record.segments) > 1)}{continued} · "
     return (
         f"**Done** in {seconds(record.total_seconds)} · {kind}seed {result.seed} · "
         f"{shared or 'peak memory '}{result.peak_memory_gib:.2f} GiB MLX, {result.process_peak_rss_gib:.2f} GiB "

@@ -30,6 +30,7 @@ from .model_files.packages import convert
 from .parallel.group import ParallelGroup, join as join_group
 from .pipeline import DEFAULT_NEGATIVE_PROMPT
 from .presets import available_presets, load_preset
+from .prompting.writer import IMAGE_MODEL, TEXT_MODEL, PromptWriter, extras_missing
 from .record import RunRecord, Stage
 from .request import (
     CancelToken, GenerationRequest, ProgressEvent, Result, SizeRules, recommended_settings, validate,
@@ -45,5 +46,6 @@ __all__ = [
     "GenerationRequest", "ParallelGroup", "ProgressEvent", "Result", "RunRecord", "SAMPLERS",
     "SizeRules", "Stage", "WanError", "available_presets", "convert", "join_group", "load_preset", "open_image",
     "parse_lora", "partial_name", "read_cache_ratios", "read_draft_record", "recommended_settings", "remove_stale_partials",
-    "resolve_model", "validate", "warm_up", "MAGCACHE_SETTING",
+    "resolve_model", "validate", "warm_up", "MAGCACHE_SETTING", "IMAGE_MODEL", "TEXT_MODEL", "PromptWriter",
+    "extras_missing",
 ]

@@ -15,7 +15,8 @@ import numpy as np
 
 from . import (
     DEFAULT_MODEL, Cancelled, Engine, Follower, GenerationRequest, ProgressEvent, Result, Stage, WanError, convert,
-    join_group, parse_lora, read_cache_ratios, read_draft_record, resolve_model, warm_up,
+    IMAGE_MODEL, TEXT_MODEL, PromptWriter, extras_missing, join_group, parse_lora, read_cache_ratios, read_draft_record,
+    resolve_model, warm_up,
 )
 
 
@@ -28,7 +29,8 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
     """What a request is made of, for generate and calibrate-cache alike."""
     add_model_argument(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="what happens; given again, one more segment per prompt, each continuing the video so far")
     p.add_argument("--negative-prompt", default=None,
                    help="what to avoid; default: Wan's official negative prompt ('' for none)")
     p.add_argument("--image", default=None, help="first frame for image-to-video")
@@ -53,7 +55,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None,
                    help="unipc, euler or dmd (few-step distilled models); default: dmd for FastVideo's FastWan "
                         "checkpoints, else unipc")
-    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--fps", type=int, default=None, help="default: the continued video's, else 24")
+    p.add_argument("--extend", default=None, metavar="VIDEO",
+                   help="continue this video (any file ffmpeg reads): the written video holds its frames, then new ones")
+    p.add_argument("--overlap-frames", type=int, default=1, metavar="K",
+                   help="the last K frames of the video so far condition each continuing segment: 1, 5, 9, ... "
+                        "(default 1; more keeps motion going across the seam)")
     p.add_argument("--preset", default="normal", help="memory preset: normal, low-ram, or a .json path")
     p.add_argument("--output", default=None, help="the MP4 to write (default: outputs/wan-<time>-<seed>.mp4)")
     p.add_argument("--save-frames", default=None, help="also save the decoded frames as .npy (F x H x W x 3, [0, 1])")
@@ -69,10 +76,44 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the first steps always computed (default 0.2)")
     p.add_argument("--cache-ratios", default=None, metavar="FILE.json",
                    help="MagCache's ratios as calibrate-cache writes them; default: the published TI2V-5B ones")
+    p.add_argument("--improve-prompt", action="store_true",
+                   help="have the prompt writer rewrite the (first) prompt first, as Wan's --use_prompt_extend does; "
+                        "the sidecar keeps the original")
+    add_prompt_writer_arguments(p)
     p.add_argument("--decoder", default="full",
                    help="full (default), or tiny: a draft decoded by the tiny decoder TAEW2.2 in a fraction of the "
                         "time, its latents kept beside it for `finish`")
     add_tiny_decoder_argument(p)
+
+
+def add_prompt_writer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-model", default=None,
+                   help=f"the prompt writer's model (default {TEXT_MODEL}; with --image {IMAGE_MODEL})")
+    p.add_argument("--prompt-seed", type=int, default=None, help="sample the writing with this seed (default greedy)")
+    p.add_argument("--prompt-language", default="en", help="the written prompt's language: en (default) or zh")
+
+
+def write_prompt(args, prompt: str) -> str:
+    """`prompt` rewritten by the prompt writer (then released: the video model needs the memory)."""
+    if message := extras_missing(image=args.image is not None):
+        raise WanError(message)
+    writer = PromptWriter(model=args.prompt_model, image_model=args.prompt_model)
+    print("writing the prompt ...", file=sys.stderr, flush=True)
+    try:
+        return writer.write(prompt, image=args.image, language=args.prompt_language, seed=args.prompt_seed)
+    finally:
+        writer.release()
+
+
+def add_improve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="a few words")
+    p.add_argument("--image", default=None, help="the first frame (image to video): the writer looks at it")
+    add_prompt_writer_arguments(p)
+
+
+def run_improve(args) -> int:
+    print(write_prompt(args, args.prompt))
+    return 0
 
 
 def add_tiny_decoder_argument(p: argparse.ArgumentParser) -> None:
@@ -90,7 +131,7 @@ def request_from(args, **more) -> GenerationRequest:
         except (OSError, ValueError) as e:
             raise WanError(f"could not read --latents {args.latents}: {e}") from None
     return GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image, width=args.width,
+        prompt=args.prompt[0], negative_prompt=args.negative_prompt, image=args.image, width=args.width,
         height=args.height, frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
         seed=args.seed, latents=latents, **more)
 
@@ -110,7 +151,7 @@ class ProgressBar:
         if event.total:
             width = 30
             filled = int(width * event.step / event.total)
-            line = f"[{event.stage}] |{'#' * filled}{'.' * (width - filled)}| {event.step}/{event.total}"
+            line = f"[{event.stage}] |{'#' * filled}{'.' * (width - filled)}| {event.message}"
             if event.step_s is not None:
                 line += f"  {event.step_s:.2f} s/step  ETA {event.eta_s:.0f} s"
             if event.memory_gib:
@@ -133,12 +174,17 @@ def run_generate(args) -> int:
         return 0
 
     cache = None if args.cache in (None, "none") else args.cache
+    if args.improve_prompt:
+        model = args.prompt_model or (IMAGE_MODEL if args.image else TEXT_MODEL)
+        written_from = {"original": args.prompt[0], "model": model, "seed": args.prompt_seed}
+        args.prompt[0] = write_prompt(args, args.prompt[0])
     request = request_from(
         args, sampler=args.sampler, fps=args.fps, output=args.output, keep_frames=bool(args.save_frames),
         loras=[parse_lora(argument) for argument in args.lora], cache=cache, cache_threshold=args.cache_threshold,
         cache_max_skip=args.cache_max_skip, cache_retention=args.cache_retention,
         cache_ratios=read_cache_ratios(args.cache_ratios) if cache and args.cache_ratios else None,
-        decoder=args.decoder)
+        decoder=args.decoder, extend=args.extend, continuations=args.prompt[1:], overlap_frames=args.overlap_frames,
+        prompt_writer=written_from if args.improve_prompt else None)
     bar = ProgressBar()
     engine = Engine(args.model, dtype=args.dtype, preset=args.preset, download_progress=bar.download, group=group,
                     tiny_decoder=args.tiny_decoder)
@@ -282,12 +328,14 @@ def main(argv=None) -> int:
     add_calibrate_arguments(commands.add_parser("calibrate-cache", help="measure MagCache's ratios for a model (a "
                                                                         "JSON list for --cache-ratios)"))
     add_finish_arguments(commands.add_parser("finish", help="decode a draft (--decoder tiny) in full quality"))
+    add_improve_arguments(commands.add_parser("improve-prompt", help="rewrite a short prompt as Wan's prompt "
+                                                                     "extension does (prints it)"))
     args = parser.parse_args(argv)
     # transformers (tokenizer only here) warns at import that PyTorch is absent, which is how we run
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         commands = {"generate": run_generate, "download": run_download, "convert": run_convert,
-                    "calibrate-cache": run_calibrate, "finish": run_finish}
+                    "calibrate-cache": run_calibrate, "finish": run_finish, "improve-prompt": run_improve}
         return commands[args.command](args)
     except WanError as e:
         print(f"error: {e}", file=sys.stderr)

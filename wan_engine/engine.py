@@ -33,39 +33,31 @@ from .parallel.share import Layout, RankShare
 from .parts import LoadedParts
 from .outputs.drafts import draft_latents_entry, read_draft
 from .pipeline import (
-    DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, decode_draft, decode_frames, encode_image, frames_to_uint8,
-    from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
+    DEFAULT_NEGATIVE_PROMPT, LatentNormalizer, decode_draft, decode_frames, encode_image, from_diffusers_layout, generate_latents, initial_noise, latent_shape, load_image, step_noise_key,
 )
-from .presets import Preset, load_preset
+from .presets import apply_memory_limits, load_preset
 from .outputs.preview import calibrate, latent_preview, tiny_preview
-from .record import RunRecord, RunSettings, Stage, gib, process_peak_rss_gib
+from .record import RunRecord, Stage, gib, process_peak_rss_gib
 from .request import (
     CancelToken, GenerationRequest, ProgressEvent, Result, is_ti2v_5b, model_sampler, size_rules, validate,
 )
 from .run import Run, StepTimer, decode_message, drain
-from .sampling.magcache import MagCache, builtin_ratios
 from .sampling.samplers import make_sampler, sampler_defaults
 from .version import __version__
-from .outputs.video import VideoOutput, prepare_folder, remove_stale_partials
+from .images import SourceVideo
+from .outputs.video import prepare_folder, remove_stale_partials
+from .outputs.writer import VideoWriter
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 TEXT_LENGTH = 512  # Wan's text length: prompts are padded (with zeros past their end) to 512 tokens
 # What rank 0 hands the others of a request (with the seed it drew and the LoRAs)
 HANDED_OVER = ("width", "height", "frames", "steps", "guidance", "shift", "sampler", "cache", "cache_threshold",
-               "cache_max_skip", "cache_retention", "cache_ratios")
+               "cache_max_skip", "cache_retention", "cache_ratios", "decoder")
 
 
 def default_dtype() -> str:
     """bfloat16 on a GPU; float32 on the CPU, where MLX's bfloat16 kernels are slow."""
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
-
-
-def apply_memory_limits(preset: Preset) -> None:
-    """MLX's allocator limits of the preset (they hold for the whole process)."""
-    if preset.memory_limit_gib:
-        mx.set_memory_limit(int(preset.memory_limit_gib * 2**30))
-    if preset.cache_limit_gib is not None:
-        mx.set_cache_limit(int(preset.cache_limit_gib * 2**30))
 
 
 class Engine:
@@ -143,11 +135,18 @@ class Engine:
         """Run one generation: yields ProgressEvents, then the Result. Raises WanError on bad input and
         errors.Cancelled when `cancel` was set (its memory freed, nothing written). `use_prompt_cache` False: the
         prompts are encoded by the text encoder and their embeddings not kept (the warm-up)."""
+        run = None
         try:
             run = yield from self._start(request, use_prompt_cache)
-            yield from self._stages(run, cancel)
+            for segment in range(len(run.prompts)):
+                run.begin_segment(segment, latent_shape(self.vae_config, self.transformer_config, request.width,
+                                                        request.height, request.frames))
+                yield from self._stages(run, cancel)
+            yield from self._save(run)
             yield run.result
         except BaseException as error:
+            if run is not None and run.writer is not None:
+                run.writer.abort()
             if self.group is not None and (replacement := self.group.leave(error)) is not None:
                 raise replacement from error
             if isinstance(error, Cancelled):
@@ -185,7 +184,13 @@ class Engine:
         run = Run(request, record.seed, settings.negative_prompt, [], None, video_path=video_path,
                   settings=settings, prompt_tokens=record.prompt_tokens, cache_record=record.cache,
                   latents=mx.array(latents), finished_from=draft.name)
-        yield from self._decode(run, cancel)
+        self._open_writer(run)
+        try:
+            yield from self._decode(run, cancel)
+            yield from self._save(run)
+        except BaseException:
+            run.writer.abort()
+            raise
         yield run.result
 
     def follow(self, group: ParallelGroup, header: dict, arrays: dict) -> None:
@@ -221,16 +226,40 @@ class Engine:
         if self.group is not None:
             self.group.check_usable()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        request = dataclasses.replace(request, seed=seed)
         shape = latent_shape(self.vae_config, self.transformer_config, request.width, request.height, request.frames)
         noise = from_diffusers_layout(request.latents, shape) if request.latents is not None else initial_noise(seed, shape)
         image = None if request.image is None else load_image(request.image, request.width, request.height)
+        source = None if request.extend is None else SourceVideo(request.extend)
+        if source is not None and source.frame_count < request.overlap_frames:
+            raise WanError(f"the video {request.extend} has {source.frame_count} frames, fewer than the "
+                           f"{request.overlap_frames} overlap frames that condition its continuation")
+        request = dataclasses.replace(request, fps=request.fps or (round(source.fps) if source else 24))
+        prompts = [request.prompt, *request.continuations]
         video_path = self.output_path(request, seed) if writes_video else None
-        if video_path is not None:
-            prepare_folder(video_path, request.width, request.height, request.frames)  # before any work: room
+        if video_path is not None:  # before any work: a folder with room for the whole video
+            new_frames = len(prompts) * request.frames - (len(prompts) - (source is None)) * request.overlap_frames
+            prepare_folder(video_path, request.width, request.height, new_frames + (source.frame_count if source else 0))
             remove_stale_partials(video_path.parent)
         loras = yield from self.parts.read_loras(request.loras)
         negative = DEFAULT_NEGATIVE_PROMPT if request.negative_prompt is None else request.negative_prompt
-        return Run(request, seed, negative, loras, noise, image, video_path, use_prompt_cache)
+        run = Run(request, seed, negative, loras, noise, image, video_path, use_prompt_cache, prompts=prompts,
+                  source=source, base_request=request)
+        if video_path is not None:
+            self._open_writer(run)
+            if source is not None:
+                yield ProgressEvent(Stage.LOAD, f"reading the video to continue ({source.frame_count} frames)")
+                run.writer.add_source(source)
+        return run
+
+    def _open_writer(self, run: Run) -> None:
+        """The MP4 (rank 0's), tagged with the settings: ffmpeg encodes each decoded chunk while the next one
+        decodes; the video and its sidecar land together at the end, or nothing does."""
+        request = run.request
+        run.settings = run.settings or run.make_settings(self.model, self.dtype_name, self.preset.name)
+        run.writer = VideoWriter(run.video_path, request.width, request.height, request.fps,
+                                 {"title": request.prompt, "comment": dataclasses.asdict(run.settings)},
+                                 request.overlap_frames, request.keep_frames)
 
     def _end_stage(self, cancel: CancelToken | None) -> None:
         """Between stages: return the memory the stage left behind (its arrays are freed as they are dropped), and
@@ -248,6 +277,8 @@ class Engine:
         prompts = [run.request.prompt, run.negative_prompt] if use_guidance else [run.request.prompt]
         yield ProgressEvent(Stage.TEXT, "encoding the prompt" + (" and the negative prompt" if use_guidance else ""))
         run.clock.start()
+        timings = run.clock.timings
+        loaded_before = timings.get("load_s", 0.0)
         embeddings = []
         for prompt in prompts:
             embeddings.append((yield from self._prompt_embedding(prompt, run)))
@@ -255,9 +286,9 @@ class Engine:
             self.parts.release("text_encoder")
         run.context = mx.array(np.stack([rows for rows, _ in embeddings])).astype(self.dtype)
         mx.eval(run.context)
-        timings = run.clock.timings
         run.clock.lap(Stage.TEXT)
-        timings["text_s"] = round(timings["text_s"] - timings.get("load_s", 0.0), 4)  # loading counted apart
+        loaded = timings.get("load_s", 0.0) - loaded_before  # loading is counted apart
+        timings["text_s"] = round(timings["text_s"] - loaded, 4)
         tokens = [count for _, count in embeddings]
         run.prompt_tokens = {"used": min(tokens[0], TEXT_LENGTH), "total": tokens[0], "limit": TEXT_LENGTH}
         for name, count in zip(("prompt", "negative prompt"), tokens):
@@ -306,7 +337,7 @@ class Engine:
         header = {
             "model": self.model, "preset": self.preset_source, "dtype": self.dtype_name,
             "layout": run.share.layout.as_dict(),
-            "request": {**{name: getattr(request, name) for name in HANDED_OVER}, "seed": run.seed,
+            "request": {**{name: getattr(request, name) for name in HANDED_OVER}, "seed": request.seed,
                         "loras": [list(pair) for pair in request.loras]},
         }
         arrays = {"context": np.array(run.context.astype(mx.float32)), "noise": np.array(run.noise)}
@@ -328,8 +359,8 @@ class Engine:
         yield from self.parts.fuse_loras(run.loras, run.clock)
         transformer.shard(run.share.tokens)
         sampler = make_sampler(request.sampler, request.steps, request.shift, self.scheduler_config,
-                               step_noise_key(run.seed))
-        cache = self._step_cache(run)
+                               step_noise_key(request.seed))
+        cache = run.step_cache()
         plan = None if cache is None else cache.plan(request.steps)
         tiny = (yield from self.parts.load("tiny_decoder", run.clock)) if run.tiny_previews else None
         denoising = generate_latents(transformer, sampler, run.noise, run.context, request.guidance, run.condition,
@@ -338,30 +369,20 @@ class Engine:
         timer = StepTimer(plan or [True] * request.steps)
         for i, latents in enumerate(denoising, start=1):
             elapsed, per_step, left = timer.step_done(i)
-            if i == 1:  # the first step compiles what the run's shapes need: measured apart
+            if i == 1 and run.segment == 0:  # the first step compiles what the run's shapes need: measured apart
                 timings["denoise_first_step_s"] = round(elapsed, 4)
             preview = None
             if request.preview:
                 preview = tiny_preview(tiny, latents) if tiny else latent_preview(latents, self.preview_map)
             skipped = " · blocks skipped (MagCache)" if plan is not None and not plan[i - 1] else ""
-            yield ProgressEvent(Stage.DENOISE, f"step {i}/{request.steps}{skipped}", i, request.steps, elapsed,
-                                per_step, left, gib(mx.get_active_memory()), preview)
+            yield ProgressEvent(Stage.DENOISE, f"{run.segment_label()}step {i}/{request.steps}{skipped}", i,
+                                request.steps, elapsed, per_step, left, gib(mx.get_active_memory()), preview)
         run.clock.lap(Stage.DENOISE)
-        timings["denoise_s_per_step"] = round(timings["denoise_s"] / request.steps, 4)
+        timings["denoise_s_per_step"] = round(timings["denoise_s"] / (request.steps * (run.segment + 1)), 4)
         run.cache_record = None if cache is None else cache.record(plan)
         run.latents, run.noise, run.context, run.condition = latents, None, None, None
         del denoising, latents
         self._end_stage(cancel)
-
-    def _step_cache(self, run: Run) -> MagCache | None:
-        """The request's step cache, with the ratios it gives or MagCache's published ones for this model's task."""
-        request = run.request
-        if request.cache is None:
-            return None
-        ratios = request.cache_ratios
-        if ratios is None:
-            ratios = builtin_ratios(image_to_video=run.condition is not None)
-        return MagCache(tuple(ratios), request.cache_threshold, request.cache_max_skip, request.cache_retention)
 
     def _decode(self, run: Run, cancel: CancelToken | None):
         """Decode the latents and, on rank 0, write the video: ffmpeg encodes each decoded chunk while the next one
@@ -380,61 +401,39 @@ class Engine:
             run.clock.start()
             decoding = decode_frames(vae, self.normalizer, run.latents, cancel, tile, preset.vae_frame_by_frame,
                                      preset.vae_strip_width, run.share)
-        settings = run.settings or self.settings(run)
-        output = None
-        if run.share.is_owner:
-            output = VideoOutput(run.video_path, request.width, request.height, request.fps,
-                                 {"title": request.prompt, "comment": dataclasses.asdict(settings)})
-        try:
-            for done, total, frames in decoding:
-                if frames is not None:
-                    output.add(frames_to_uint8(frames))
-                    if request.keep_frames:
-                        run.frames.append(np.array(frames))
-                yield ProgressEvent(Stage.DECODE, decode_message(done, total, tile is not None, run.latents.shape[1])
-                                    + (" (tiny decoder)" if request.decoder == "tiny" else ""), done, total,
-                                    memory_gib=gib(mx.get_active_memory()))
-            run.clock.lap(Stage.DECODE)
-            self._end_stage(cancel)
-            if output is not None:
-                yield from self._save(run, settings, output)
-        except BaseException:
-            if output is not None:
-                output.abort()
-            raise
+        for done, total, frames in decoding:
+            if frames is not None:  # on rank 0
+                run.writer.add(frames)
+            yield ProgressEvent(Stage.DECODE, run.segment_label() + decode_message(
+                done, total, tile is not None, run.latents.shape[1]) + (" (tiny decoder)" if request.decoder == "tiny"
+                                                                       else ""),
+                done, total, memory_gib=gib(mx.get_active_memory()))
+        run.clock.lap(Stage.DECODE)
+        self._end_stage(cancel)
 
-    def _save(self, run: Run, settings: RunSettings, output: VideoOutput):
+    def _save(self, run: Run):
         yield ProgressEvent(Stage.SAVE, "writing the video")
-        clock = run.clock
+        clock, output = run.clock, run.writer.output
         clock.start()
         output.close()
         clock.lap(Stage.SAVE)
         clock.total()
         record = RunRecord(
-            seed=run.seed, settings=settings, timings=clock.timings, peak_memory_gib=clock.peak_memory_gib,
+            seed=run.seed, settings=run.settings, timings=clock.timings, peak_memory_gib=clock.peak_memory_gib,
             stage_peak_memory_gib=clock.stage_peaks, process_peak_rss_gib=process_peak_rss_gib(),
             stage_process_peak_rss_gib=clock.stage_rss, prompt_tokens=run.prompt_tokens, engine_version=__version__,
             video=run.video_path.name, created=datetime.now().isoformat(timespec="seconds"), notice=self.notice,
             parallel=run.share.record(), cache=run.cache_record, decoder=run.request.decoder,
-            finished_from=run.finished_from,
+            finished_from=run.finished_from, source=run.source.record() if run.source else None,
+            segments=run.segments or None, prompt_writer=run.request.prompt_writer, text_encoder={
+                "kept_between_videos": not self.parts.policy.release_text_encoder_after_use,
+                "why": self.parts.policy.text_encoder_decision},
         )
         draft = run.request.decoder == "tiny"
         latents = draft_latents_entry(np.array(run.latents), run.video_path) if draft else None
         run.latents = None
         video_path, sidecar = output.land(record.to_dict(), latents)
-        run.result = Result(video_path, sidecar, record,
-                            np.concatenate(run.frames) if run.request.keep_frames else None)
-
-    def settings(self, run: Run) -> RunSettings:
-        request = run.request
-        return RunSettings(
-            prompt=request.prompt, negative_prompt=run.negative_prompt,
-            image=None if request.image is None else str(getattr(request.image, "filename", "") or request.image),
-            width=request.width, height=request.height, frames=request.frames, steps=request.steps,
-            guidance=request.guidance, shift=request.shift, sampler=request.sampler, seed=run.seed, fps=request.fps,
-            dtype=self.dtype_name, model=self.model, preset=self.preset.name,
-            loras=[lora.record() for lora in run.loras],
-        )
+        run.result = Result(video_path, sidecar, record, run.writer.frames())
 
     def output_path(self, request: GenerationRequest, seed: int) -> Path:
         if request.output:

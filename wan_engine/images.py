@@ -1,10 +1,15 @@
-"""Opening a user's picture (the first frame of an image-to-video run), with refusals that name the file and say
-what is allowed: not a picture, damaged or cut short, or too large (its size and the limit)."""
+"""Opening a user's inputs, with refusals that name the file and say what is allowed: a picture (the first frame
+of an image-to-video run: not a picture, damaged or cut short, or too large) and a video to continue (any file
+ffmpeg reads: its frames, fitted to the run's size, one at a time).
+"""
 
+import hashlib
 import re
 import warnings
 from pathlib import Path
 
+import imageio_ffmpeg
+import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import WanError
@@ -52,3 +57,52 @@ def open_image(image, name: str | None = None) -> Image.Image:
         raise WanError(f"the file {name} is not a picture that can be read: {READABLE}") from None
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data; Pillow raises all three
         raise WanError(f"the image {name} is damaged or cut short ({error}): {READABLE}") from None
+
+
+def fit(picture: Image.Image, width: int, height: int) -> Image.Image:
+    """The largest centred part of `picture` with the aspect width:height, resized to width x height (Lanczos)."""
+    aspect, (w, h) = width / height, picture.size
+    if w / h > aspect:  # too wide: trim the sides
+        crop = round(h * aspect)
+        picture = picture.crop(((w - crop) // 2, 0, (w - crop) // 2 + crop, h))
+    elif w / h < aspect:  # too tall: trim top and bottom
+        crop = round(w / aspect)
+        picture = picture.crop((0, (h - crop) // 2, w, (h - crop) // 2 + crop))
+    return picture if picture.size == (width, height) else picture.resize((width, height), Image.LANCZOS)
+
+
+class SourceVideo:
+    """A video to continue: its frame rate, frame count and checksum, and its frames fitted to a size."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise WanError(f"the video {path} does not exist: give an MP4, MOV or WebM file to continue")
+        try:
+            reader = imageio_ffmpeg.read_frames(str(self.path))
+            meta = next(reader)
+            self.size, self.fps = tuple(meta["size"]), meta["fps"]
+            self.frame_count = sum(1 for _ in reader)
+        except (RuntimeError, OSError, StopIteration, KeyError) as error:
+            said = [line.strip() for line in str(error).splitlines() if line.strip()]  # ffmpeg's last word
+            raise WanError(f"the video {path} cannot be read ({said[-1][:200] if said else 'no frames'}): give an "
+                           "MP4, MOV or WebM file that plays") from None
+        if self.frame_count == 0:
+            raise WanError(f"the video {path} has no frames: give a video that plays")
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as file:
+            while block := file.read(2**20):
+                digest.update(block)
+        self.sha256 = digest.hexdigest()
+
+    def frames(self, width: int, height: int):
+        """Its frames, uint8 (H, W, 3), each fitted to width x height (`fit`), one at a time."""
+        reader = imageio_ffmpeg.read_frames(str(self.path))
+        source_width, source_height = next(reader)["size"]
+        for frame in reader:
+            picture = Image.fromarray(np.frombuffer(frame, np.uint8).reshape(source_height, source_width, 3))
+            yield np.asarray(fit(picture, width, height))
+
+    def record(self) -> dict:
+        """What the sidecar says of it."""
+        return {"path": str(self.path), "sha256": self.sha256, "frame_count": self.frame_count}

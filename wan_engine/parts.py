@@ -8,6 +8,8 @@ its weights hold, fused in place (model_files/lora.py).
 """
 
 import gc
+import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,6 +28,31 @@ from .record import Stage
 from .request import ProgressEvent
 
 LARGE_PARTS = ("text_encoder", "transformer", "vae")
+ROOMY_GIB = 40.0  # memory from which a preset that may keep the text encoder keeps it: a 64 GiB Mac's working set
+log = logging.getLogger("wan_engine")
+
+
+def machine_memory_gib() -> tuple[float, str]:
+    """(GiB, what they are) the engine's device can hold: Metal's recommended working set, a GPU's memory, or on a
+    CPU the machine's physical memory."""
+    if mx.metal.is_available():
+        return mx.metal.device_info()["max_recommended_working_set_size"] / 2**30, "Metal's recommended working set"
+    info = mx.device_info()
+    if (total := info.get("total_memory") or info.get("memory_size")) and mx.default_device() == mx.gpu:
+        return total / 2**30, "the GPU's memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "the machine's memory"
+
+
+def keep_text_encoder(preset: Preset) -> tuple[bool, str]:
+    """Whether the text encoder stays loaded between videos, and why (said in the log and the sidecar)."""
+    if not preset.release_text_encoder:
+        return True, f"the {preset.name} preset keeps it"
+    if preset.keep_resident is not None:
+        return preset.keep_resident, f"the {preset.name} preset's keep_resident is {str(preset.keep_resident).lower()}"
+    memory, what = machine_memory_gib()
+    keep = memory >= ROOMY_GIB
+    return keep, (f"{what} is {memory:.0f} GiB, {'at least' if keep else 'under'} the {ROOMY_GIB:.0f} GiB that keep "
+                  f"it beside the rest")
 
 
 @dataclass(frozen=True)
@@ -33,15 +60,18 @@ class MemoryPolicy:
     """What may stay loaded, stage by stage."""
     one_large_part_at_a_time: bool  # the transformer, the VAE and a whole text encoder never sit together
     release_text_encoder_after_use: bool  # the prompt-embedding cache covers repeated prompts
+    text_encoder_decision: str  # why it is kept or released (the log and the sidecar say it)
     stream_text_encoder: bool  # its blocks read one at a time from its converted copy: it fits beside the rest
     load_transformer_between_videos: bool  # Engine.prepare_next loads it again, in place of the VAE
     clear_cache_between_stages: bool  # return MLX's freed buffers to the system after each stage
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "MemoryPolicy":
+        keep, why = keep_text_encoder(preset)
+        log.info("the text encoder %s between videos: %s", "stays loaded" if keep else "is released", why)
         return cls(
             one_large_part_at_a_time=preset.release_transformer_before_decode,
-            release_text_encoder_after_use=preset.release_text_encoder,
+            release_text_encoder_after_use=not keep, text_encoder_decision=why,
             stream_text_encoder=preset.stream_text_encoder,
             load_transformer_between_videos=preset.reload_transformer_after_video,
             clear_cache_between_stages=preset.clear_cache_between_stages,

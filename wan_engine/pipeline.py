@@ -83,7 +83,8 @@ class LatentNormalizer:
 
 
 def encode_image(vae, normalizer: LatentNormalizer, image: mx.array) -> mx.array:
-    """First-frame conditioning latent (1, 1, h, w, C): the VAE's posterior mean, normalized."""
+    """Conditioning latents of given frames (1, K, H, W, 3) in [-1, 1], K = 4n + 1 (a first frame: K = 1):
+    (1, n + 1, h, w, C), the VAE's posterior mean, normalized."""
     return normalizer.normalize(vae.encode(image.astype(vae.dtype)))
 
 
@@ -94,8 +95,9 @@ def generate_latents(transformer, sampler, noise, context, guidance: float, cond
 
     context: (2, L, D) text-encoder states [prompt, negative prompt] when `guidance > 1`, else (1, L, D). The
     guidance pair runs as one batch of two (`cfg_batch`, faster) or as two passes of one (half the activations).
-    condition: the normalized first-frame latent for image-to-video, kept fixed as frame 0 with timestep 0 (TI2V's
-    `expand_timesteps` conditioning, as diffusers and FastVideo's TI2V denoising do it; with every sampler, DMD too).
+    condition: given latent frames (1, n, h, w, C), normalized, kept fixed as the first n frames with timestep 0
+    (TI2V's `expand_timesteps` conditioning, as diffusers and FastVideo's TI2V denoising do it for a first frame,
+    and Wan2GP's for the last frames of a video it continues; with every sampler, DMD too).
     share: this process's share of the run (`ALONE`, or a group's parallel.share.RankShare, whose branch of the
     guidance pair this process runs and whose tokens the transformer was sharded for). Every step starts at its
     checkpoint, where the cancel token stops the run. All processes keep the same latents.
@@ -111,10 +113,9 @@ def generate_latents(transformer, sampler, noise, context, guidance: float, cond
     kv = transformer.cross_attention_kv(transformer.embed_text(context.astype(dtype)))
     mx.eval(rope, kv)
     batch = context.shape[0]
-    # per-frame timestep mask: 0 for a conditioning first frame, 1 elsewhere (diffusers' `first_frame_mask`)
-    frame_mask = mx.ones((num_frames,), mx.float32)
-    if condition is not None:
-        frame_mask = frame_mask.at[0].multiply(0.0)
+    # per-frame timestep mask: 0 for the given frames, 1 elsewhere (diffusers' `first_frame_mask`)
+    given = 0 if condition is None else condition.shape[1]
+    frame_mask = (mx.arange(num_frames) >= given).astype(mx.float32)
 
     passes = 1 if cfg_batch else batch
     caching = plan is not None or calibration is not None
@@ -126,7 +127,7 @@ def generate_latents(transformer, sampler, noise, context, guidance: float, cond
         for hold in holds:
             if hold is not None:
                 hold.skip = plan is not None and not plan[step]
-        x = latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
+        x = latents if condition is None else mx.concatenate([condition, latents[:, given:]], axis=1)
         timestep = (frame_mask * float(t))[None]
         if cfg_batch:
             x = mx.broadcast_to(x.astype(dtype), (batch, *x.shape[1:]))
@@ -139,13 +140,13 @@ def generate_latents(transformer, sampler, noise, context, guidance: float, cond
         if prediction.shape[0] == 2:
             cond, uncond = prediction[:1], prediction[1:]
             prediction = uncond + guidance * (cond - uncond)
-        # the solver keeps evolving its own frame 0; the video's frame 0 is the condition
+        # the solver keeps evolving its own first frames; the video's are the given ones
         latents = sampler.step(prediction, latents)
         mx.eval(latents, [hold.residual for hold in holds if hold is not None])
         if calibration is not None:
             calibration.append(magnitude_ratio(holds[0].residual[:1], None if previous is None else previous[:1]))
         share.unit_done()
-        yield latents if condition is None else mx.concatenate([condition, latents[:, 1:]], axis=1)
+        yield latents if condition is None else mx.concatenate([condition, latents[:, given:]], axis=1)
 
 
 def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None, tile=None,

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import mlx.core as mx
+
 from .errors import WanError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -20,6 +22,8 @@ class Preset:
     transformer_quantization: dict | None = None  # {"bits": 8|4, "group_size": 64}
     text_encoder_quantization: dict | None = None
     release_text_encoder: bool = True  # after encoding; the prompt-embedding cache covers repeats
+    keep_resident: bool | None = False  # keep the text encoder loaded between videos anyway (a new prompt then costs
+    # what a cached one does); None: when the machine has the memory for it (parts.MemoryPolicy)
     release_transformer_before_decode: bool = False  # and the VAE while the text encoder or transformer works
     reload_transformer_after_video: bool = False  # Engine.prepare_next loads it again between videos (in place of
     # the VAE), so that the next video does not wait for it
@@ -64,3 +68,11 @@ def load_preset(name_or_path: str) -> Preset:
     if unknown:
         raise WanError(f"preset {path} has unknown settings {unknown}: allowed are {sorted(known)}")
     return Preset(name=path.stem, **data)
+
+
+def apply_memory_limits(preset: Preset) -> None:
+    """MLX's allocator limits of the preset (they hold for the whole process)."""
+    if preset.memory_limit_gib:
+        mx.set_memory_limit(int(preset.memory_limit_gib * 2**30))
+    if preset.cache_limit_gib is not None:
+        mx.set_cache_limit(int(preset.cache_limit_gib * 2**30))

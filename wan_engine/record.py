@@ -86,6 +86,9 @@ class RunSettings:
         return cls(**_known(cls, data))
 
 
+OPTIONAL = ("notice", "parallel", "cache", "finished_from", "source", "segments", "prompt_writer", "text_encoder")  # in a sidecar when they say something
+
+
 @dataclass
 class RunRecord:
     """One finished video: its sidecar, field for field."""
@@ -106,6 +109,10 @@ class RunRecord:
     # "skipped_steps"}
     decoder: str = "full"  # "tiny": a draft, whose latents are kept beside it for `finish`
     finished_from: str | None = None  # a finished draft's: the draft video's file name
+    source: dict | None = None  # a continued video's: {"path", "sha256", "frame_count"}
+    segments: list | None = None  # a story's or a continuation's: {"prompt", "seed", "frames", "overlap"} each
+    prompt_writer: dict | None = None  # a written prompt's: {"original", "model", "seed"} (prompting/)
+    text_encoder: dict | None = None  # {"kept_between_videos", "why"}: the memory policy's decision (parts.py)
 
     def stage_seconds(self) -> dict:
         """Stage -> its seconds, for the stages the run went through (loading counted apart from the others)."""
@@ -123,7 +130,7 @@ class RunRecord:
         """The sidecar's JSON object (notice, parallel and cache only when they say something)."""
         record = asdict(self)
         return {name: value for name, value in record.items()
-                if value is not None or name not in ("notice", "parallel", "cache", "finished_from")}
+                if value is not None or name not in OPTIONAL}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunRecord":
@@ -148,11 +155,12 @@ class StageClock:
         self.since = time.perf_counter()
 
     def lap(self, stage: Stage) -> float:
-        """Close `stage`, begun at the last `start`; returns its seconds."""
+        """Close `stage`, begun at the last `start` (a stage met again, in the next segment, adds up); returns its
+        seconds."""
         stage = str(stage)
         seconds = time.perf_counter() - self.since
-        self.timings[f"{stage}_s"] = round(seconds, 4)
-        self.stage_peaks[stage] = gib(mx.get_peak_memory())
+        self.timings[f"{stage}_s"] = round(self.timings.get(f"{stage}_s", 0.0) + seconds, 4)
+        self.stage_peaks[stage] = max(self.stage_peaks.get(stage, 0.0), gib(mx.get_peak_memory()))
         self.stage_rss[stage] = process_peak_rss_gib()
         mx.reset_peak_memory()
         return seconds

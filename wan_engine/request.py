@@ -48,7 +48,7 @@ class GenerationRequest:
     shift: float | None = None
     sampler: str | None = None
     seed: int | None = None  # None: a random seed, reported in the result
-    fps: int = 24
+    fps: int | None = None  # None: a continued video's own, else 24
     latents: np.ndarray | None = None  # initial noise (1, C, F, H, W) used instead of the seed's
     output: str | None = None  # the MP4 path; None: a timestamped name under the engine's output folder
     keep_frames: bool = False  # return the float frames in the result (for --save-frames and tests)
@@ -64,6 +64,12 @@ class GenerationRequest:
     cache_retention: float = 0.2
     cache_ratios: list | None = None
     decoder: str = "full"  # "tiny": a draft, decoded by the tiny decoder, its latents kept for `Engine.finish`
+    # Longer videos: a video to continue (any file ffmpeg reads), and the prompts of more segments, each `frames`
+    # long and continuing the video so far; a segment that continues is conditioned on its last `overlap_frames`
+    extend: str | None = None
+    continuations: list = field(default_factory=list)
+    overlap_frames: int = 1
+    prompt_writer: dict | None = None  # when the prompt was written by the prompt writer: {"original", "model", "seed"}
 
 
 DECODERS = ("full", "tiny")
@@ -165,7 +171,7 @@ def validate(request: GenerationRequest, sizes: SizeRules) -> None:
                        "few-step sampling runs without guidance (1, or leave it unset)")
     if request.shift is not None and not 0 < request.shift <= 100:
         raise WanError(f"shift {request.shift} is not allowed: it must be above 0 and at most 100")
-    if not 1 <= request.fps <= 120:
+    if request.fps is not None and not 1 <= request.fps <= 120:
         raise WanError(f"fps {request.fps} is not allowed: it must be between 1 and 120")
     if request.seed is not None and not 0 <= request.seed < 2**63:
         raise WanError(f"seed {request.seed} is not allowed: it must be between 0 and 2^63-1")
@@ -173,6 +179,26 @@ def validate(request: GenerationRequest, sizes: SizeRules) -> None:
         validate_cache(request, few_step)
     if request.decoder not in DECODERS:
         raise WanError(f"decoder {request.decoder!r} is not allowed: choose full, or tiny (a draft, finished later)")
+    if request.extend is not None or request.continuations:
+        validate_story(request, sizes)
+
+
+def validate_story(request: GenerationRequest, sizes: SizeRules) -> None:
+    """A video continued, or made of several segments."""
+    step, overlap = sizes.frame_step, request.overlap_frames
+    if request.extend is not None and request.image is not None:
+        raise WanError("--extend and --image are not allowed together: a continued video starts from its own last "
+                       "frames; give one of them")
+    if not isinstance(overlap, int) or overlap < 1 or (overlap - 1) % step or overlap > request.frames - step:
+        raise WanError(f"overlap frames {overlap} is not allowed: it must be {step}n+1 (1, {1 + step}, "
+                       f"{1 + 2 * step}, ...: whole latent frames) and at most the segment's length minus {step} "
+                       f"({request.frames - step})")
+    for number, prompt in enumerate(request.continuations, start=2):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise WanError(f"the prompt is empty for segment {number}: describe what happens in each segment")
+    if request.decoder == "tiny":
+        raise WanError("a draft (the tiny decoder) is not allowed for a continued video or a story: its segments "
+                       "continue frames the full decoder makes; decode it in full")
 
 
 def validate_cache(request: GenerationRequest, few_step: bool) -> None:
