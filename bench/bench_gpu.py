@@ -4,18 +4,29 @@
     python3 bench/bench_gpu.py --tiny --out /tmp/b.json   # a quick run of the same code on a CPU, tiny model
 
 It builds a full-size random snapshot (UMT5-XXL text encoder, the 5B transformer, the Wan2.2 VAE) in the Diffusers
-layout with diffusers/transformers on the GPU, then in one process times diffusers (bf16, `WanPipeline` parts) and
-ours (the `normal` and `low-ram` presets) on two cases:
-  seed-17f  1280x704, 17 frames, 20 steps, guidance 5: text encoding, denoising per step, VAE decode, MP4, total,
-            peak memory;
-  121f      1280x704, 121 frames, guidance 5: denoising per step (a few steps after warm-up), VAE decode, peak.
-Ours is timed on warm runs (a second generation in the same process, as the app's cached engine sees it); the
-first run, kernel compilation included, is reported as `cold_total_s`.
+layout with diffusers/transformers on the GPU, then in one process times diffusers (bf16, `WanPipeline`) and ours
+(the `normal` and `low-ram` presets) on two cases:
+  seed-17f  1280x704, 17 frames, 20 steps, guidance 5: whole videos end to end (text, denoising, VAE decode, MP4),
+            each step, the VAE decode alone, peak memory;
+  121f      1280x704, 121 frames, guidance 5 (3 steps): each step, the VAE decode alone, peak memory.
+Every figure is the median of `--repeats` runs (min, max and each run beside it), after a warm-up.
+  diffusers  `eager` as it ships, and `compiled`: the transformer's blocks compiled with `torch.compile`
+             (`compile_repeated_blocks(fullgraph=True)`, diffusers' regional compilation), its fastest attention
+             backend on the machine (each one diffusers offers without extra packages, timed on the case's own
+             attention shape), and with `--compile-vae` the VAE decoder compiled too. diffusers keeps its text
+             encoder loaded and encodes the prompt in every call: each video is a new prompt.
+  ours       the app's cached engine: a cold first video (kernels compile), then `--repeats` videos with prompts it
+             has not seen (`new prompt`: the text encoder runs; with the preset's `keep_resident` decision, which the
+             report records) and `--repeats` with one it has (`cached prompt`: the embeddings come from the prompt
+             cache). Then the click: what the app does between videos (`Engine.prepare_next`) and a video asked for
+             at once, which waits for it, timed to its first finished denoising step; and the same for a click made
+             later (nothing to wait for).
 """
 
 import argparse
 import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from wan_engine.model_files.demo import build_tokenizer  # noqa: E402
-from wan_engine import Engine, GenerationRequest, Result  # noqa: E402
+from wan_engine import CancelToken, Cancelled, Engine, GenerationRequest, Result, Stage  # noqa: E402
 from wan_engine.presets import apply_memory_limits  # noqa: E402
 from wan_engine.model_files.loading import Snapshot  # noqa: E402
 from wan_engine.pipeline import LatentNormalizer, decode_frames  # noqa: E402
@@ -56,7 +67,9 @@ TINY = dict(
            dict(name="121f", width=128, height=64, frames=33, steps=3)],
 )
 PROMPTS = ["A corgi surfing a wave at sunset, cinematic", "A paper boat drifting down a rainy street",
-           "A lighthouse in a storm, waves crashing", "Fireworks over a quiet lake at night"]
+           "A lighthouse in a storm, waves crashing", "Fireworks over a quiet lake at night",
+           "A red fox trotting through fresh snow", "Lanterns floating up from a river at dusk",
+           "A hummingbird hovering at a purple flower", "Rain on a neon-lit street in Tokyo"]
 NEGATIVE = "blurry, low quality, static"
 # dtypes of the saved components: bf16 throughout, or as `Wan-AI/Wan2.2-TI2V-5B-Diffusers` stores them
 BF16_LAYOUT = {"text_encoder": torch.bfloat16, "transformer": torch.bfloat16, "vae": torch.bfloat16}
@@ -65,6 +78,12 @@ UPSTREAM_LAYOUT = {"text_encoder": torch.bfloat16, "transformer": torch.float32,
 
 def log(*args):
     print(*args, flush=True)
+
+
+def spread(times: list) -> dict:
+    """The median of repeated runs, their min and max, and each run."""
+    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
+            "max_s": round(max(times), 4), "runs_s": [round(t, 4) for t in times]}
 
 
 def build_snapshot(root: Path, sizes: dict, device: str, dtypes: dict = BF16_LAYOUT) -> None:
@@ -107,12 +126,58 @@ def reset_torch_peak(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_diffusers(root: Path, case: dict, device: str, out_dir: Path) -> dict:
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")  # no extra packages needed
+
+
+def best_attention_backend(case: dict, sizes: dict, device: str) -> dict:
+    """Each attention backend of diffusers' dispatcher that runs here, timed on the case's self-attention (a batch
+    of two, all latent tokens): the fastest one's name, and every time (or why it failed)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    heads, head_dim = sizes["transformer"]["num_attention_heads"], sizes["transformer"]["attention_head_dim"]
+    tokens = ((case["frames"] - 1) // 4 + 1) * (case["height"] // 32) * (case["width"] // 32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(2, tokens, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    times = {}
+    for name in ATTENTION_BACKENDS:
+        try:
+            with torch.no_grad():
+                dispatch_attention_fn(q, k, v, backend=name)
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(5):
+                    dispatch_attention_fn(q, k, v, backend=name)
+                sync(device)
+            times[name] = round((time.perf_counter() - start) / 5 * 1000, 3)
+        except Exception as e:  # noqa: BLE001 - a backend this machine lacks is left out, with its reason
+            times[name] = f"{type(e).__name__}: {str(e)[:120]}"
+    timed = {name: ms for name, ms in times.items() if isinstance(ms, float)}
+    return {"backend": min(timed, key=timed.get), "attention_ms": times}
+
+
+def compile_diffusers(pipe, case: dict, sizes: dict, device: str, compile_vae: bool) -> dict:
+    """diffusers at its best here: the fastest attention backend, the transformer's blocks compiled (regional
+    compilation, as diffusers' docs advise for Wan), the VAE decoder too when asked and when it compiles."""
+    setting = best_attention_backend(case, sizes, device)
+    pipe.transformer.set_attention_backend(setting["backend"])
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    setting["transformer"] = "compile_repeated_blocks(fullgraph=True)"
+    if compile_vae:
+        pipe.vae.decoder.compile()
+        setting["vae_decoder"] = "torch.compile"
+    return setting
+
+
+def bench_diffusers(root: Path, case: dict, sizes: dict, device: str, out_dir: Path, mode: str, repeats: int,
+                    compile_vae: bool = False) -> dict:
+    """diffusers' WanPipeline in `mode` ("eager" or "compiled"): `repeats` videos after a warm-up (the compile)."""
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(str(root), dtype=torch.bfloat16).to(device)
     pipe.set_progress_bar_config(disable=True)
-    result = {}
+    result = {"mode": mode, "prompt": "new each video (diffusers keeps its text encoder and encodes every call)"}
+    if mode == "compiled":
+        result["setting"] = compile_diffusers(pipe, case, sizes, device, compile_vae)
     width, height, frames, steps = case["width"], case["height"], case["frames"], case["steps"]
 
     def run(prompt, num_steps, output_type="np"):
@@ -134,8 +199,7 @@ def bench_diffusers(root: Path, case: dict, device: str, out_dir: Path) -> dict:
                        generator=torch.Generator(device).manual_seed(0), callback_on_step_end=on_step)
         return out.frames, step_times
 
-    # text encoding: prompt + negative prompt, as one pipeline call encodes them
-    with torch.no_grad():
+    with torch.no_grad():  # text encoding: prompt + negative prompt, as one pipeline call encodes them
         pipe.encode_prompt(PROMPTS[0], NEGATIVE, device=device)  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -143,75 +207,122 @@ def bench_diffusers(root: Path, case: dict, device: str, out_dir: Path) -> dict:
         sync(device)
         result["text_encode_s"] = round(time.perf_counter() - start, 4)
 
-    run(PROMPTS[0], 2, "latent")  # warm-up (kernels, allocator)
+    warming = time.perf_counter()
+    run(PROMPTS[0], 2, "np" if case["name"] == "seed-17f" else "latent")  # kernels, allocator, the compile
+    result["warm_up_s"] = round(time.perf_counter() - warming, 3)
     reset_torch_peak(device)
-    sync(device)
-    start = time.perf_counter()
-    if case["name"] == "seed-17f":
-        frames_out, step_times = run(PROMPTS[2], steps)
-        video = frames_out[0]
-        write_start = time.perf_counter()
-        write_video(out_dir / "diffusers.mp4", to_uint8(video), 24)
-        result["mp4_s"] = round(time.perf_counter() - write_start, 4)
-        result["total_s"] = round(time.perf_counter() - start, 4)
-    else:
-        latents, step_times = run(PROMPTS[2], steps, "latent")
-    result["denoise_s_per_step"] = round(float(np.mean(step_times[1:] if len(step_times) > 1 else step_times)), 4)
+    totals, mp4, per_step = [], [], []
+    for i in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        if case["name"] == "seed-17f":
+            frames_out, step_times = run(PROMPTS[2 + i], steps)
+            write_start = time.perf_counter()
+            write_video(out_dir / "diffusers.mp4", to_uint8(frames_out[0]), 24)
+            mp4.append(time.perf_counter() - write_start)
+            totals.append(time.perf_counter() - start)
+        else:
+            _, step_times = run(PROMPTS[2 + i], steps, "latent")
+        per_step.append(float(np.mean(step_times[1:] if len(step_times) > 1 else step_times)))
+    result["denoise_s_per_step"] = round(statistics.median(per_step), 4)
+    result["denoise_s_per_step_runs"] = [round(t, 4) for t in per_step]
+    if totals:
+        result["total_s"] = spread(totals)
+        result["mp4_s"] = round(statistics.median(mp4), 4)
     result["peak_gib"] = torch_peak_gib(device)
+    result.update(diffusers_decode(pipe, case, device, repeats))
+    return result  # the pipeline goes with this frame; main() empties torch's cache
 
-    # VAE decode alone: only the VAE on the device, from the same latent size
+
+def diffusers_decode(pipe, case: dict, device: str, repeats: int) -> dict:
+    """The VAE decode alone: only the VAE on the device, from the case's latent size."""
+    width, height, frames = case["width"], case["height"], case["frames"]
     latents = torch.randn(1, 48, (frames - 1) // 4 + 1, height // 16, width // 16, device=device, dtype=torch.bfloat16)
-    transformer, text_encoder = pipe.transformer, pipe.text_encoder
     pipe.transformer, pipe.text_encoder = None, None
-    del transformer, text_encoder
     gc.collect()
     torch.cuda.empty_cache() if device == "cuda" else None
+    times = []
     with torch.no_grad():
         pipe.vae.decode(latents[:, :, :2]).sample  # warm-up
         reset_torch_peak(device)
-        sync(device)
-        start = time.perf_counter()
-        pipe.vae.decode(latents).sample
-        sync(device)
-    result["decode_s"] = round(time.perf_counter() - start, 4)
-    result["decode_peak_gib"] = torch_peak_gib(device)
-    del pipe
-    gc.collect()
-    torch.cuda.empty_cache() if device == "cuda" else None
-    return result
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            pipe.vae.decode(latents).sample
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return {"decode_s": round(statistics.median(times), 4), "decode_s_runs": [round(t, 4) for t in times],
+            "decode_peak_gib": torch_peak_gib(device)}
 
 
 # -- ours -----------------------------------------------------------------------------------------------------------
+def request_for(case, prompt, steps=None) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, negative_prompt=NEGATIVE, width=case["width"], height=case["height"],
+                             frames=case["frames"], steps=steps or case["steps"], guidance=5.0, seed=0)
+
+
 def run_ours(engine, case, prompt, steps=None) -> Result:
-    request = GenerationRequest(prompt=prompt, negative_prompt=NEGATIVE, width=case["width"], height=case["height"],
-                                frames=case["frames"], steps=steps or case["steps"], guidance=5.0, seed=0)
-    *_, result = engine.generate(request)
+    *_, result = engine.generate(request_for(case, prompt, steps))
     return result
 
 
-def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path) -> dict:
+def to_first_step(engine, case, prompt) -> float:
+    """Seconds from asking for a video to its first finished denoising step; the rest of the video is cancelled."""
+    cancel = CancelToken()
+    start = time.perf_counter()
+    seconds = None
+    try:
+        for event in engine.generate(request_for(case, prompt), cancel=cancel):
+            if getattr(event, "stage", None) == Stage.DENOISE and event.step >= 1 and seconds is None:
+                seconds = time.perf_counter() - start
+                cancel.cancel()
+    except Cancelled:
+        pass
+    return round(seconds, 4)
+
+
+def click(engine, case: dict) -> dict:
+    """What the app does right after a video (prepare_next, on the engine's thread) and a click made at once, which
+    waits for it; and a click made later, when prepare_next is long done. Cached prompt."""
+    start = time.perf_counter()
+    for _ in engine.prepare_next():
+        pass
+    prepare = time.perf_counter() - start
+    at_once = prepare + to_first_step(engine, case, PROMPTS[1])
+    later = to_first_step(engine, case, PROMPTS[1])
+    return {"prepare_next_s": round(prepare, 4), "click_at_once_to_first_step_s": round(at_once, 4),
+            "click_later_to_first_step_s": later, "prompt": "cached"}
+
+
+def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path, repeats: int) -> dict:
     cache = PromptEmbeddingCache(tempfile.mkdtemp(prefix="bench-prompts-"))
     engine = Engine(root, dtype=dtype, preset=preset, output_dir=out_dir, prompt_cache=cache)
     start = time.perf_counter()
     run_ours(engine, case, PROMPTS[0])  # cold: the first run compiles the kernels
     cold_total = time.perf_counter() - start
-    new_prompt = run_ours(engine, case, PROMPTS[1])  # warm, but a prompt the cache has not seen
-    warm = run_ours(engine, case, PROMPTS[1])  # warm, cached prompt: as a user re-running with another seed
-    t_new, t_warm = new_prompt.timings, warm.timings
+    new = [run_ours(engine, case, PROMPTS[2 + i]) for i in range(repeats)]  # warm, prompts the cache has not seen
+    cached = [run_ours(engine, case, PROMPTS[1]) for _ in range(repeats)]  # as a user re-running with another seed
+
+    def median(runs, key):
+        return round(statistics.median(run.timings.get(key, 0.0) for run in runs), 4)
+
     result = {
-        "text_encode_s": t_new["text_s"],
-        "denoise_s_per_step": t_warm["denoise_s_per_step"],
-        "decode_s": t_warm["decode_s"],
-        "mp4_s": t_warm["save_s"],
-        "total_s": t_warm["total_s"],
-        "total_new_prompt_s": t_new["total_s"],
-        "load_s_new_prompt": t_new.get("load_s", 0.0),
-        "peak_gib": max(new_prompt.peak_memory_gib, warm.peak_memory_gib),
+        "total_new_prompt_s": spread([run.timings["total_s"] for run in new]),
+        "total_cached_prompt_s": spread([run.timings["total_s"] for run in cached]),
+        "text_encode_new_prompt_s": median(new, "text_s"),
+        "load_s_new_prompt": median(new, "load_s"),
+        "denoise_s_per_step": median(cached, "denoise_s_per_step"),
+        "denoise_s_per_step_runs": [run.timings["denoise_s_per_step"] for run in cached],
+        "decode_s": median(cached, "decode_s"),
+        "mp4_s": median(cached, "save_s"),
+        "peak_gib": max(run.peak_memory_gib for run in new + cached),
         "cold_total_s": round(cold_total, 3),
-        "stage_peak_gib": json.loads(warm.sidecar_path.read_text())["stage_peak_memory_gib"],
-        "stage_peak_gib_new_prompt": json.loads(new_prompt.sidecar_path.read_text())["stage_peak_memory_gib"],
-        "timings_warm": t_warm,
-        "timings_new_prompt": t_new,
+        "text_encoder": new[-1].record.text_encoder,
+        "stage_peak_gib_cached_prompt": cached[-1].record.stage_peak_memory_gib,
+        "stage_peak_gib_new_prompt": new[-1].record.stage_peak_memory_gib,
+        "timings_cached_prompt": cached[-1].timings,
+        "timings_new_prompt": new[-1].timings,
+        "click": click(engine, case),
     }
     engine.release()
     del engine
@@ -220,7 +331,7 @@ def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path) -
     return result
 
 
-def bench_our_decode(root: Path, case: dict, dtype: str, preset) -> dict:
+def bench_our_decode(root: Path, case: dict, dtype: str, preset, repeats: int) -> dict:
     """The VAE decode alone (only the VAE loaded), as for diffusers, as the preset decodes: its tiling rule, strips,
     frame by frame or not, and its MLX allocator limits (the low-RAM preset keeps no freed buffers for reuse)."""
     apply_memory_limits(preset)
@@ -236,10 +347,14 @@ def bench_our_decode(root: Path, case: dict, dtype: str, preset) -> dict:
         pass
     mx.clear_cache()
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    for _ in decode_frames(vae, normalizer, latents, **options):
-        pass
-    result = {"decode_s": round(time.perf_counter() - start, 4), "decode_peak_gib": round(mx.get_peak_memory() / 2**30, 3)}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in decode_frames(vae, normalizer, latents, **options):
+            pass
+        times.append(time.perf_counter() - start)
+    result = {"decode_s": round(statistics.median(times), 4), "decode_s_runs": [round(t, 4) for t in times],
+              "decode_peak_gib": round(mx.get_peak_memory() / 2**30, 3)}
     del vae
     gc.collect()
     mx.clear_cache()
@@ -247,17 +362,25 @@ def bench_our_decode(root: Path, case: dict, dtype: str, preset) -> dict:
 
 
 def ratios(entry: dict) -> dict:
-    """Diffusers against ours, same run: speedups (diffusers time / ours) and our share of diffusers' decode peak,
-    for each preset (the low-RAM preset decodes in two strips, the normal one whole frames)."""
-    d, result = entry.get("diffusers", {}), {}
-    for key, prefix in (("ours", ""), ("ours_low_ram", "low_ram_")):
-        o = entry.get(key, {})
-        if "denoise_s_per_step" not in d or "denoise_s_per_step" not in o:
-            continue
-        result[f"{prefix}denoise_speedup"] = round(d["denoise_s_per_step"] / o["denoise_s_per_step"], 3)
-        result[f"{prefix}decode_speedup"] = round(d["decode_s"] / o["vae_only_decode_s"], 3)
-        if d["decode_peak_gib"]:
-            result[f"{prefix}decode_peak_fraction"] = round(o["vae_only_decode_peak_gib"] / d["decode_peak_gib"], 3)
+    """Diffusers against ours, same run: speedups (diffusers time / ours; above 1: ours is faster), our share of
+    diffusers' decode peak, and our whole video's time over diffusers' (new and cached prompt), per preset and per
+    diffusers mode."""
+    result = {}
+    for mode in ("diffusers", "diffusers_compiled"):
+        d = entry.get(mode, {})
+        for key, prefix in (("ours", ""), ("ours_low_ram", "low_ram_")):
+            o = entry.get(key, {})
+            if "denoise_s_per_step" not in d or "denoise_s_per_step" not in o:
+                continue
+            name = f"{prefix}vs_{mode}"
+            result[f"{name}_denoise_speedup"] = round(d["denoise_s_per_step"] / o["denoise_s_per_step"], 3)
+            result[f"{name}_decode_speedup"] = round(d["decode_s"] / o["vae_only_decode_s"], 3)
+            if d.get("decode_peak_gib"):
+                result[f"{name}_decode_peak_fraction"] = round(o["vae_only_decode_peak_gib"] / d["decode_peak_gib"], 3)
+            if "total_s" in d:
+                for prompt in ("new_prompt", "cached_prompt"):
+                    ours_total = o[f"total_{prompt}_s"]["median_s"]
+                    result[f"{name}_total_{prompt}_fraction"] = round(ours_total / d["total_s"]["median_s"], 3)
     return result
 
 
@@ -291,39 +414,48 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model on this machine (a test of the script)")
     parser.add_argument("--out", default=None, help="result JSON (default bench/results/<date>-<gpu>.json)")
     parser.add_argument("--snapshot", default="/tmp/wan-bench-snapshot", help="where to build the random snapshot")
-    parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--cases", default="seed-17f,121f")
-    parser.add_argument("--skip", default="", help="variants to leave out, e.g. 121f:ours_low_ram")
+    parser.add_argument("--variants", default="ours,ours_low_ram,diffusers,diffusers_compiled",
+                        help="which to run, of ours, ours_low_ram, diffusers, diffusers_compiled")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs of each variant (median, min, max)")
+    parser.add_argument("--compile-vae", action="store_true", help="diffusers_compiled compiles the VAE decoder too")
     args = parser.parse_args()
 
     sizes, device, dtype, gpu, root = setup(args.tiny, args.snapshot)
     out_dir = Path(tempfile.mkdtemp(prefix="bench-videos-"))
     report = {"device": gpu, "date": date.today().isoformat(), "mlx": mx.__version__, "torch": torch.__version__,
-              "dtype": dtype, "cases": []}
+              "dtype": dtype, "repeats": args.repeats, "cases": []}
+    out = Path(args.out or Path(__file__).parent / "results" / f"{report['date']}-{gpu.replace(' ', '-')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    variants = args.variants.split(",")
     for case in sizes["cases"]:
         if case["name"] not in args.cases.split(","):
             continue
         entry = {k: case[k] for k in ("name", "width", "height", "frames", "steps")}
-        for preset, key in (("normal", "ours"), ("low-ram", "ours_low_ram")):
-            if f"{case['name']}:{key}" in args.skip.split(","):
-                entry[key] = {"skipped": "left out of this run (--skip)"}
-                continue
-            log(f"{case['name']}: ours ({preset})")
-            entry[key] = guarded(lambda: {
-                **bench_ours(root, case, preset, dtype, out_dir),
-                **{f"vae_only_{k}": v for k, v in bench_our_decode(root, case, dtype, load_preset(preset)).items()},
-            })
-            log(json.dumps(entry[key]))
-        if not args.skip_diffusers:
-            log(f"{case['name']}: diffusers")
-            entry["diffusers"] = guarded(lambda: bench_diffusers(root, case, device, out_dir))
-            log(json.dumps(entry["diffusers"]))
-        entry["ratios"] = ratios(entry)
         report["cases"].append(entry)
-        out = Path(args.out or Path(__file__).parent / "results" / f"{report['date']}-{gpu.replace(' ', '-')}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        for preset, key in (("normal", "ours"), ("low-ram", "ours_low_ram")):
+            if key in variants:
+                log(f"{case['name']}: ours ({preset})")
+                entry[key] = guarded(lambda: {
+                    **bench_ours(root, case, preset, dtype, out_dir, args.repeats),
+                    **{f"vae_only_{k}": v for k, v in
+                       bench_our_decode(root, case, dtype, load_preset(preset), args.repeats).items()},
+                })
+                log(json.dumps(entry[key]))
+                out.write_text(json.dumps(report, indent=2))
+        for mode, key in (("eager", "diffusers"), ("compiled", "diffusers_compiled")):
+            if key in variants:
+                log(f"{case['name']}: diffusers ({mode})")
+                entry[key] = guarded(lambda: bench_diffusers(root, case, sizes, device, out_dir, mode, args.repeats,
+                                                             args.compile_vae))
+                gc.collect()
+                torch.cuda.empty_cache() if device == "cuda" else None
+                torch._dynamo.reset()  # the next pipeline compiles its own graphs
+                log(json.dumps(entry[key]))
+        entry["ratios"] = ratios(entry)
+        log(json.dumps(entry["ratios"]))
         out.write_text(json.dumps(report, indent=2))
-        log(f"wrote {out}")
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ ratios, in the same process. The goal: Balanced <= 0.55x Quality on one H200.
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx.core as mx  # noqa: E402
 import torch  # noqa: E402
 
-from bench_gpu import NEGATIVE, PROMPTS, log, setup, sync, torch_peak_gib, reset_torch_peak  # noqa: E402
+from bench_gpu import NEGATIVE, PROMPTS, log, setup, spread, sync, torch_peak_gib, reset_torch_peak  # noqa: E402
 from wan_engine import Engine, Follower, GenerationRequest, MAGCACHE_SETTING, join_group  # noqa: E402
 from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402
 from wan_engine.sampling.magcache import TI2V_5B_TEXT_TO_VIDEO  # noqa: E402
@@ -40,11 +39,6 @@ TINY_CASE = dict(width=128, height=64, frames=17, steps=20)
 BALANCED = dict(cache="magcache", cache_threshold=MAGCACHE_SETTING["threshold"],
                 cache_max_skip=MAGCACHE_SETTING["max_skip"], cache_retention=MAGCACHE_SETTING["retention"],
                 cache_ratios=TI2V_5B_TEXT_TO_VIDEO)
-
-
-def spread(times: list) -> dict:
-    return {"median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
-            "max_s": round(max(times), 3), "runs_s": [round(t, 3) for t in times]}
 
 
 def measure_ours(engine: Engine, case: dict, repeats: int, **mode) -> dict:

@@ -11,7 +11,6 @@ overlap is kept between segments).
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from datetime import date
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 
-from bench_gpu import NEGATIVE, log, setup  # noqa: E402
+from bench_gpu import NEGATIVE, log, setup, spread  # noqa: E402
 from wan_engine import Engine, GenerationRequest  # noqa: E402
 from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402
 
@@ -39,8 +38,7 @@ def measure(engine: Engine, case: dict, repeats: int, prompts: list) -> dict:
     for _ in range(repeats):
         *_, result = engine.generate(request)
         totals.append(result.timings["total_s"])
-    return {"median_s": round(statistics.median(totals), 3), "min_s": round(min(totals), 3),
-            "max_s": round(max(totals), 3), "timings": result.timings, "peak_memory_gib": result.peak_memory_gib,
+    return {**spread(totals), "timings": result.timings, "peak_memory_gib": result.peak_memory_gib,
             "stage_peak_memory_gib": result.record.stage_peak_memory_gib, "prompt": "cached"}
 
 

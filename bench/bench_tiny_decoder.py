@@ -16,7 +16,6 @@ TAEW2.2's real widths (256, 128, 64, 64) in the published layout, since its file
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from bench_gpu import NEGATIVE, PROMPTS, log, setup  # noqa: E402
+from bench_gpu import NEGATIVE, PROMPTS, log, setup, spread  # noqa: E402
 from wan_engine import Engine, GenerationRequest  # noqa: E402
 from wan_engine.model_files.demo import random_weights  # noqa: E402
 from wan_engine.model_files.prompt_cache import PromptEmbeddingCache  # noqa: E402
@@ -43,11 +42,6 @@ from wan_engine.run import drain  # noqa: E402
 GOALS = {"tiny_over_full_decode": 0.1, "preview_over_step": 0.05, "draft_total_s": 3.5}
 FULL = dict(width=1280, height=704, frames=121, preview_frames=17)
 TINY = dict(width=128, height=64, frames=17, preview_frames=9)
-
-
-def spread(times: list) -> dict:
-    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
-            "max_s": round(max(times), 4)}
 
 
 def timed(work, repeats: int) -> dict:

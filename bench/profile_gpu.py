@@ -5,7 +5,10 @@
     python3 bench/profile_gpu.py --tiny       # a quick run of the same code on a CPU
 
 block: one transformer block's pieces (self-attention and its projections, cross-attention, feed-forward, norms and
-modulation) timed apart, for the CFG pair at 1280x704 with 17 and 121 frames.
+modulation) timed apart, for the CFG pair at 1280x704 with 17 and 121 frames, and the q/k/v projections as three
+matmuls against one of the three weights stacked.
+step: the whole 30-block transformer's evaluation for the CFG pair at 1280x704x17 (the seed profile's step), as the
+engine runs it (compiled blocks, one queued ahead), and with each residual step evaluated on its own (low-RAM's way).
 kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy.
 vae: VAE decode of 17 and 121 frames at 1280x704, whole chunks and frame by frame, whole frames and in strips:\ntime and MLX peak.
 vae-ledger: where the frame-by-frame decode's peak happens (not part of "all").
@@ -25,9 +28,9 @@ import numpy as np  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from wan_engine.models.config import VAEConfig  # noqa: E402
+from wan_engine.models.config import TransformerConfig, VAEConfig  # noqa: E402
 from wan_engine.models.rope import apply_rope, rope_tables  # noqa: E402
-from wan_engine.models.transformer import WanTransformerBlock, gelu_tanh  # noqa: E402
+from wan_engine.models.transformer import WanTransformer, WanTransformerBlock, gelu_tanh  # noqa: E402
 from wan_engine.models.vae import WanVAE  # noqa: E402
 from wan_engine.models.vae_layers import FeatureCache  # noqa: E402
 
@@ -97,7 +100,9 @@ def profile_block(dim, heads, ffn, grids, dtype) -> dict:
         flat = x.reshape(2, tokens, dim)
         q = block.attn1._heads(flat).transpose(0, 2, 1, 3)
         hidden = mx.random.normal((2, tokens, ffn)).astype(dtype)
-        mx.eval(x, tproj, kv, rope, q, hidden)
+        attn = block.attn1
+        qkv_weight = mx.concatenate([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+        mx.eval(x, tproj, kv, rope, q, hidden, qkv_weight)
         row = {
             "block_compiled_ms": timed(lambda: compiled(x, tproj, kv, rope)),
             "block_eager_ms": timed(lambda: block(x, tproj, kv, rope)),
@@ -105,6 +110,9 @@ def profile_block(dim, heads, ffn, grids, dtype) -> dict:
             "sdpa_self_ms": timed(lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=0.088)),
             "qkv_out_linears_ms": timed(lambda: [block.attn1.to_q(flat), block.attn1.to_k(flat),
                                                  block.attn1.to_v(flat), block.attn1.to_out[0](flat)]),
+            "qkv_three_matmuls_ms": timed(lambda: [flat @ attn.to_q.weight.T, flat @ attn.to_k.weight.T,
+                                                   flat @ attn.to_v.weight.T]),
+            "qkv_one_stacked_matmul_ms": timed(lambda: flat @ qkv_weight.T),
             "qk_norm_rope_ms": timed(lambda: [apply_rope(block.attn1._heads(block.attn1.norm_q(flat)), *rope),
                                               apply_rope(block.attn1._heads(block.attn1.norm_k(flat)), *rope)]),
             "cross_attention_ms": timed(lambda: block.attn2(flat, kv=kv)),
@@ -117,6 +125,31 @@ def profile_block(dim, heads, ffn, grids, dtype) -> dict:
         report[name] = row
         print(name, json.dumps(row), flush=True)
         mx.clear_cache()
+    return report
+
+
+def profile_step(config: TransformerConfig, grids: dict, dtype) -> dict:
+    """The whole transformer's evaluation for the CFG pair (batch of two, one timestep per latent frame, the first
+    frame's at 0 as in image-to-video), as the engine runs it and residual step by residual step."""
+    model = WanTransformer(config)
+    randomize(model, dtype)
+    report = {}
+    for name, (f, h, w) in grids.items():
+        latents = mx.random.normal((2, f, 2 * h, 2 * w, config.in_channels)).astype(dtype)
+        timestep = mx.concatenate([mx.zeros((2, 1)), mx.full((2, f - 1), 500.0)], axis=1)
+        text = mx.random.normal((2, 512, config.text_dim)).astype(dtype)
+        context = model.cross_attention_kv(model.embed_text(text))
+        rope = model.rope(f, 2 * h, 2 * w)
+        mx.eval(latents, timestep, context, rope)
+        row = {}
+        for lookahead in (True, False):
+            model.block_lookahead = lookahead
+            model.compile()
+            key = "step_ms" if lookahead else "step_each_residual_step_evaluated_ms"
+            row[key] = timed(lambda: model(latents, timestep, context, rope))
+        row["per_block_ms"] = round(row["step_ms"] / len(model.blocks), 3)
+        report[name] = row
+        print(name, json.dumps(row), flush=True)
     return report
 
 
@@ -218,7 +251,7 @@ def ledger_vae(config: VAEConfig, latent_shape, dtype, top: int = 12) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["block", "kernels", "vae", "vae-ledger", "all"], default="all")
+    parser.add_argument("--part", choices=["block", "step", "kernels", "vae", "vae-ledger", "all"], default="all")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--strip-widths", nargs="*", default=["40", "27"],
@@ -233,6 +266,12 @@ def main():
             report["block"] = profile_block(64, 2, 128, {"17f": (5, 4, 8), "121f": (31, 4, 8)}, dtype)
         else:
             report["block"] = profile_block(3072, 24, 14336, {"17f": (5, 22, 40), "121f": (31, 22, 40)}, dtype)
+    if args.part in ("step", "all"):
+        config = TransformerConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/models/configs/transformer.json")
+        if args.tiny:
+            config.num_layers, config.num_attention_heads, config.attention_head_dim = 2, 2, 32
+            config.ffn_dim, config.text_dim, config.freq_dim = 128, 64, 64
+        report["step"] = profile_step(config, {"17f": (5, 4, 8) if args.tiny else (5, 22, 40)}, dtype)
     if args.part in ("kernels", "all"):
         if args.tiny:
             report["kernels"] = profile_kernels(64, 2, 128, {"121f": (31, 4, 8)}, dtype)
