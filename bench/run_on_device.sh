@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of bench/README.md, in parts that each fit one device call (at most 10 minutes on one H200),
 # the most wanted first. Run from the project root once MLX's CUDA build is installed (../shared/device/install.sh):
-#     bash bench/run_on_device.sh a "$OUT"     # then b, then c, on the same machine (the snapshot stays in /tmp)
+#     bash bench/run_on_device.sh a "$OUT"     # then b, c, d, on the same machine (the snapshot stays in /tmp)
 # Each part writes its JSON results and one log into the folder given (at most 8 files: what a call brings back).
 set -uo pipefail
 part=$1
@@ -11,26 +11,30 @@ export WAN_STUDIO_CACHE=/tmp/wan-studio-cache PYTHONUNBUFFERED=1 NCCL_NVLS_ENABL
 exec > >(tee -a "$out/part-$part.log") 2>&1
 stamp() { echo "$(date +%T) $*"; }
 case $part in
-  a)  # issue #25: the seed profile, new and cached prompt, against diffusers eager and compiled; the 3-step video
+  a)  # issue #25: the seed profile, new and cached prompt, against diffusers eager and compiled
     stamp "bench_gpu seed-17f"
-    python3 bench/bench_gpu.py --cases seed-17f --variants ours,diffusers,diffusers_compiled --out "$out/gpu-seed-17f.json"
-    stamp "bench_fast dmd"
-    python3 bench/bench_fast.py --parts dmd --out "$out/fast-dmd.json" ;;
+    python3 bench/bench_gpu.py --cases seed-17f --variants ours,diffusers,diffusers_compiled --compile-vae \
+      --out "$out/gpu-seed-17f.json" ;;
   b)  # the 50-step video whole (Quality) and Balanced; the low-RAM preset: click to first step, decode peak
     stamp "bench_magcache normal"
     python3 bench/bench_magcache.py --presets normal --skip-diffusers --repeats 1 --out "$out/magcache-normal.json"
     stamp "bench_gpu seed-17f low-ram"
     python3 bench/bench_gpu.py --cases seed-17f --variants ours_low_ram --out "$out/gpu-seed-17f-low-ram.json" ;;
-  c)  # the tiny decoder and drafts, stories, the prompt writer, where a 17-frame step's time goes
+  c)  # the 3-step 121-frame video, new and cached prompt; the 121-frame step and decode; where a 17-frame step goes
+    stamp "bench_fast dmd"
+    python3 bench/bench_fast.py --parts dmd --out "$out/fast-dmd.json"
+    stamp "bench_gpu 121f ours"
+    python3 bench/bench_gpu.py --cases 121f --variants ours --out "$out/gpu-121f.json"
     stamp "profile_gpu step, block"
     python3 bench/profile_gpu.py --part step --out "$out/profile-step.json"
-    python3 bench/profile_gpu.py --part block --out "$out/profile-block.json"
+    python3 bench/profile_gpu.py --part block --out "$out/profile-block.json" ;;
+  d)  # the prompt writer, the tiny decoder and drafts, stories
+    stamp "bench_prompt_writer"
+    python3 bench/bench_prompt_writer.py --out "$out/prompt-writer.json"
     stamp "bench_tiny_decoder"
     python3 bench/bench_tiny_decoder.py --out "$out/tiny-decoder.json"
     stamp "bench_story"
-    python3 bench/bench_story.py --out "$out/story.json"
-    stamp "bench_prompt_writer"
-    python3 bench/bench_prompt_writer.py --out "$out/prompt-writer.json" ;;
-  *) echo "parts: a, b, c"; exit 2 ;;
+    python3 bench/bench_story.py --out "$out/story.json" ;;
+  *) echo "parts: a, b, c, d"; exit 2 ;;
 esac
 stamp "part $part done"

@@ -214,10 +214,7 @@ class WanVAE(nn.Module):
         columns = [[] for _ in range(x.shape[1])]  # per latent frame, its strips decoded so far
         for s, (start, end, low, high) in enumerate(strips):
             inner = (low > 0, high < width)
-            mid_cache = FeatureCache(min_settle_bytes=MIN_SETTLE_BYTES)
-            # Frame by frame, the last stage (the highest resolutions, the largest tensors) is evaluated op by op.
-            caches = [FeatureCache(frame_by_frame and stage == stages - 1, inner, MIN_SETTLE_BYTES)
-                      for stage in range(stages)]
+            mid_cache, caches = decode_caches(stages, frame_by_frame, inner, len(strips) > 1)
             for i in range(x.shape[1]):
                 mid_cache.next_chunk()
                 caches[0].next_chunk()
@@ -245,6 +242,17 @@ class WanVAE(nn.Module):
         """z (B, t, h, w, z_dim), unnormalized -> video (B, 1 + 4 (t - 1), 16 h, 16 w, 3) in [-1, 1]."""
         chunks = self.decode_chunks(z, frame_by_frame, strip_width)
         return mx.concatenate([chunk for _, _, chunk in chunks if chunk is not None], axis=1)
+
+
+def decode_caches(stages: int, frame_by_frame: bool, inner: tuple[bool, bool], in_strips: bool) -> tuple:
+    """The mid block's cache and each stage's for one strip of a decode. Frame by frame, the last stage (the highest
+    resolutions, the largest tensors) is evaluated op by op. A decode that saves memory (frame by frame, or in
+    strips) waits for each piece of work; one that does not keeps the next piece queued (FeatureCache.settle)."""
+    one_ahead = not (frame_by_frame or in_strips)
+    mid_cache = FeatureCache(min_settle_bytes=MIN_SETTLE_BYTES, one_ahead=one_ahead)
+    caches = [FeatureCache(frame_by_frame and stage == stages - 1, inner, MIN_SETTLE_BYTES, one_ahead)
+              for stage in range(stages)]
+    return mid_cache, caches
 
 
 def strip_layout(width: int, strip_width: int | None, margin: int, multiple: int = 1) -> list[tuple[int, int, int, int]]:

@@ -33,13 +33,16 @@ class FeatureCache:
     zeros where those pixels would be, spoils one more column of it: the layers `trim` them.
     """
 
-    def __init__(self, each_op: bool = False, inner: tuple[bool, bool] = (False, False), min_settle_bytes: int = 0):
+    def __init__(self, each_op: bool = False, inner: tuple[bool, bool] = (False, False), min_settle_bytes: int = 0,
+                 one_ahead: bool = False):
         self.slots = []
         self.cursor = 0
         self.settled = 0  # slots before this index are evaluated in the current chunk
         self.each_op = each_op
         self.inner = inner
         self.min_settle_bytes = min_settle_bytes
+        self.one_ahead = one_ahead
+        self.queued = None  # with `one_ahead`: the work handed to the device last, not waited for yet
 
     def next_chunk(self):
         self.cursor = self.settled = 0
@@ -56,10 +59,21 @@ class FeatureCache:
         Each evaluation waits for the device, which then idles while the host queues the next work, so results
         under `min_settle_bytes` are left lazy, to be evaluated with a later, larger one: the decoder's layers at
         the lowest resolutions then run as one graph (vae.MIN_SETTLE_BYTES: at 1280x704 on an H100, two strips
-        5-8% faster for 0.03 GiB more; 256 MiB would let the graph reach the large layers: 7.9 GiB)."""
+        5-8% faster for 0.03 GiB more; 256 MiB would let the graph reach the large layers: 7.9 GiB).
+
+        `one_ahead`: the work is handed to the device without waiting for it, and the call waits for the work of
+        the call before instead, so the device has the next piece queued while the host builds the one after: no
+        idle device between pieces, for one more piece's buffers held (a decode that saves memory keeps waiting)."""
         if sum(a.nbytes for a in (x if isinstance(x, (list, tuple)) else [x])) < self.min_settle_bytes:
             return x
-        mx.eval(x, *[slot for slot in self.slots[self.settled:self.cursor] if slot is not None])
+        work = [x, *[slot for slot in self.slots[self.settled:self.cursor] if slot is not None]]
+        if self.one_ahead:
+            mx.async_eval(work)
+            if self.queued is not None:
+                mx.eval(self.queued)
+            self.queued = work
+        else:
+            mx.eval(work)
         self.settled = self.cursor
         return x
 

@@ -32,6 +32,10 @@ from ..model_files.cache_files import partial_name, stale_partials
 
 METADATA_TEXT_CHARS = 2000  # longest text kept in one MP4 tag
 CRF = 10  # H.264 quality (imageio-ffmpeg's quality 8 of 10)
+# Fewer frames held back inside x264 (veryfast looks 10 ahead, plus one frame per thread): what is still held when
+# the last frame arrives is what a video waits for after its decode; 0.31 s -> 0.13 s on 16 threads, same quality
+# setting, a file no larger (measured on a 121-frame 1280x704 video fed at the decoder's pace).
+X264_LATENCY = "rc-lookahead=4:sync-lookahead=0"
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -138,6 +142,7 @@ class VideoOutput:
                 "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
                 "-f", "ffmetadata", "-i", str(self.tags_file), "-map", "0:v", "-map_metadata", "1",
                 "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF), "-preset", "veryfast",
+                "-x264-params", X264_LATENCY,
                 "-movflags", "+faststart", "-f", "mp4", str(self.partial),
             ]
             self.ffmpeg = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)

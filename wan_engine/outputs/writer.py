@@ -67,10 +67,10 @@ class VideoWriter:
         if self.output is None:
             self._open()
         self.output.add(frames_to_uint8(frames))
-        floats = np.array(frames.astype(mx.float32))
-        self.tail.extend(floats[-self.overlap:])
+        if self.overlap:  # only the frames kept leave the device as floats: a whole chunk's are 43 MB at 720p
+            self.tail.extend(np.array(frames[-self.overlap:].astype(mx.float32)))
         if self.kept is not None:
-            self.kept.append(floats)
+            self.kept.append(np.array(frames.astype(mx.float32)))
 
     def given_frames(self) -> mx.array:
         """The last `overlap` frames written, as the next segment's given frames (1, K, H, W, 3) in [-1, 1] (as
