@@ -43,6 +43,10 @@ def main():
     args = parser.parse_args()
     config = TINY if args.tiny else QWEN25_3B
     model = Model(ModelArgs.from_dict(config))
+    # bfloat16 around the 4-bit weights, as mlx-community's conversion stores them (the GPU run of 2026-12-05 was in
+    # float32: an upper bound); the CPU check stays in float32
+    if not args.tiny:
+        model.set_dtype(mx.bfloat16)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     weights_gib = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters())) / 2**30
