@@ -2,6 +2,8 @@
 `QwenPromptExpander` does it: the messages [system, user] through the model's chat template, up to 512 new tokens,
 special tokens left out of the text. Greedy by default; a seed samples with Qwen2.5's own settings (temperature 0.7,
 top-p 0.8, top-k 20), as Wan's extender samples. The model loads on the first prompt and stays until `release`.
+With a picture (image to video), Qwen2.5-VL on mlx-vlm as Wan's `extend_with_img`: the user's message holds the picture
+then the prompt, the picture sized as Wan's `process_vision_info` and processor size it.
 
 Default models, 4-bit MLX conversions of Wan's own choices (`Qwen2.5_3B`, `QwenVL2.5_3B`): about 2 GiB and 3 GiB, so
 they run beside nothing else on a 16 GiB Mac; the writer is released before the video model needs the memory.
@@ -9,13 +11,16 @@ they run beside nothing else on a 16 GiB Mac; the writer is released before the 
 
 import gc
 import json
+import math
 import os
 from importlib.util import find_spec
 from pathlib import Path
 
 import mlx.core as mx
+from PIL import Image
 
 from ..errors import WanError
+from ..images import describe, open_image
 
 TEXT_MODEL = "mlx-community/Qwen2.5-3B-Instruct-4bit"
 IMAGE_MODEL = "mlx-community/Qwen2.5-VL-3B-Instruct-4bit"
@@ -24,6 +29,12 @@ SAMPLING = {"temp": 0.7, "top_p": 0.8, "top_k": 20}  # Qwen2.5-Instruct's genera
 SYSTEM_PROMPTS = json.loads((Path(__file__).parent / "system_prompts.json").read_text(encoding="utf-8"))
 LANGUAGES = ("en", "zh")
 EXTRAS = "pip install -r requirements-prompt.txt"
+# The picture as Wan hands it to Qwen2.5-VL: qwen_vl_utils' fetch_image snaps it to multiples of 28 (14-pixel patches,
+# merged 2x2) within its bounds, then Wan's processor (min_pixels, max_pixels) keeps 256 to 1280 image tokens.
+IMAGE_FACTOR = 28
+FETCH_PIXELS = (4 * 28 * 28, 16384 * 28 * 28)
+PROCESSOR_PIXELS = {"min_pixels": 256 * 28 * 28, "max_pixels": 1280 * 28 * 28}
+MAX_RATIO = 200
 
 
 def installed(module: str) -> bool:
@@ -54,6 +65,33 @@ def postprocess(written: str, original: str) -> str:
     nothing (Wan falls back to it when the extension fails)."""
     written = written.strip()
     return written or original
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """qwen_vl_utils' smart_resize: the size nearest (height, width) in multiples of 28 with its area within
+    [min_pixels, max_pixels], the aspect kept as well as may be."""
+    h_bar = max(IMAGE_FACTOR, round(height / IMAGE_FACTOR) * IMAGE_FACTOR)
+    w_bar = max(IMAGE_FACTOR, round(width / IMAGE_FACTOR) * IMAGE_FACTOR)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / IMAGE_FACTOR) * IMAGE_FACTOR
+        w_bar = math.floor(width / beta / IMAGE_FACTOR) * IMAGE_FACTOR
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / IMAGE_FACTOR) * IMAGE_FACTOR
+        w_bar = math.ceil(width * beta / IMAGE_FACTOR) * IMAGE_FACTOR
+    return h_bar, w_bar
+
+
+def fetch_image(image) -> Image.Image:
+    """The picture (a path or a PIL image) as Wan's `process_vision_info` gives it to the processor: the one the video
+    model sees (upright, RGB), resized (bicubic) by `smart_resize`."""
+    picture = open_image(image)
+    if max(picture.size) / min(picture.size) > MAX_RATIO:  # Qwen's processor refuses it
+        raise WanError(f"the image {describe(image)} is too narrow for the prompt writer: its sides may differ "
+                       f"{MAX_RATIO} times at most, these are {picture.width}x{picture.height}")
+    height, width = smart_resize(picture.height, picture.width, *FETCH_PIXELS)
+    return picture.resize((width, height), Image.Resampling.BICUBIC)
 
 
 class PromptWriter:
@@ -88,14 +126,14 @@ class PromptWriter:
         mx.clear_cache()
 
     def write(self, prompt: str, image=None, language: str = "en", seed: int | None = None) -> str:
-        """`prompt` rewritten for the video model (for image to video, looking at `image`, a path)."""
+        """`prompt` rewritten for the video model (for image to video, looking at `image`, a path or a PIL image)."""
         if not prompt or not prompt.strip():
             raise WanError("the prompt is empty: write a few words for the writer to build on")
         instructions = system_prompt(image is not None, language)
-        self.load(image is not None)
         if image is not None:
-            written = self._write_with_picture(prompt, instructions, str(image), seed)
+            written = self._write_with_picture(prompt, instructions, image, seed)
         else:
+            self.load(False)
             written = self._write(prompt, instructions, seed)
         return postprocess(written, prompt)
 
@@ -122,16 +160,31 @@ class PromptWriter:
             generated = generated[:-1]
         return generated
 
-    def _write_with_picture(self, prompt: str, instructions: str, image: str, seed: int | None) -> str:
+    def _write_with_picture(self, prompt: str, instructions: str, image, seed: int | None) -> str:
+        tokens = self.picture_tokens(prompt, instructions, image, seed)
+        # as Wan's extend_with_img decodes
+        return self.loaded[True][1].decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def picture_tokens(self, prompt: str, instructions: str, image, seed: int | None = None) -> list[int]:
+        """The picture model's new tokens for `prompt` and the picture `image` (a path or a PIL image) under the
+        system prompt `instructions`, its end token left out; Wan's `extend_with_img` on mlx-vlm."""
+        picture = fetch_image(image)  # before the model loads: a bad picture is said at once
+        self.load(True)
         from mlx_vlm import generate
-        from mlx_vlm.prompt_utils import apply_chat_template
+        from mlx_vlm.sample_utils import make_sampler
 
         model, processor = self.loaded[True]
-        text = apply_chat_template(processor, model.config, [{"role": "system", "content": instructions},
-                                                              {"role": "user", "content": prompt}], num_images=1)
+        messages = [{"role": "system", "content": [{"type": "text", "text": instructions}]},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if seed is not None:
             mx.random.seed(seed)
-        settings = dict(SAMPLING, temperature=SAMPLING["temp"]) if seed is not None else {"temperature": 0.0}
-        settings.pop("temp", None)
-        return generate(model, processor, text, image=[image], max_tokens=MAX_NEW_TOKENS, verbose=False,
-                        **settings).text
+        sampler = make_sampler(**SAMPLING) if seed is not None else make_sampler(temp=0.0)
+        # the picture's sizing goes to the processor with the call (mlx-vlm's load takes no processor settings)
+        result = generate(model, processor, text, image=[picture], max_tokens=MAX_NEW_TOKENS, sampler=sampler,
+                          **PROCESSOR_PIXELS)
+        generated = list(result.token_ids or [])
+        # the end tokens are the model's generation_config's (Qwen2.5-VL: <|im_end|> and <|endoftext|>)
+        if generated and generated[-1] in processor.tokenizer.stopping_criteria.eos_token_ids:
+            generated = generated[:-1]
+        return generated
