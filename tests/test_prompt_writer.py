@@ -7,8 +7,7 @@ import os
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from gradio_client import Client
 from playwright.sync_api import expect
@@ -16,6 +15,7 @@ from playwright.sync_api import expect
 from app_server import running_app
 from browser import chromium
 from conftest import run_cli
+from tiny_qwen import character_tokenizer
 from wan_engine.errors import WanError
 from wan_engine.prompting.writer import MAX_NEW_TOKENS, PromptWriter, postprocess, system_prompt
 
@@ -34,15 +34,7 @@ def tiny_qwen(tmp_path_factory):
     Wan's system prompts, Qwen's special tokens and chat template; weights large enough that greedy choices are
     clear-cut (no near ties for round-off to flip)."""
     folder = tmp_path_factory.mktemp("tiny-qwen")
-    characters = sorted(set("".join(system_prompt(image, language) for image in (False, True)
-                                    for language in ("en", "zh")) + "".join(PROMPTS) + "\n"))
-    vocab = {token: i for i, token in enumerate(SPECIALS + ["<unk>"] + characters)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="<unk>", additional_special_tokens=SPECIALS[1:2])
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer, vocab = character_tokenizer(SPECIALS, CHAT_TEMPLATE, PROMPTS)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     eos = vocab["<|im_end|>"]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoImageProcessor, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
+from transformers import (AutoImageProcessor, AutoTokenizer, GenerationConfig,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 
 from conftest import run_cli
+from tiny_qwen import character_tokenizer
 from wan_engine.errors import WanError
 from wan_engine.prompting.writer import MAX_NEW_TOKENS, PromptWriter, postprocess, system_prompt
 
@@ -49,15 +49,7 @@ def tiny_qwen_vl(tmp_path_factory):
     or <|endoftext|>, a character tokenizer over the system prompts' characters with Qwen's special tokens, Qwen's
     chat template and preprocessor_config.json. Weights large enough that greedy choices are clear-cut."""
     folder = tmp_path_factory.mktemp("tiny-qwen-vl")
-    characters = sorted(set("".join(system_prompt(image, language) for image in (False, True)
-                                    for language in ("en", "zh")) + "".join(PROMPTS) + "\n"))
-    vocab = {token: i for i, token in enumerate(SPECIALS + ["<unk>"] + characters)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="<unk>", additional_special_tokens=SPECIALS[1:2] + SPECIALS[3:])
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer, vocab = character_tokenizer(SPECIALS, CHAT_TEMPLATE, PROMPTS)
     tokenizer.save_pretrained(folder)
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
