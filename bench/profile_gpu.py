@@ -8,8 +8,12 @@ block: one transformer block's pieces (self-attention and its projections, cross
 modulation) timed apart, for the CFG pair at 1280x704 with 17 and 121 frames, and the q/k/v projections as three
 matmuls against one of the three weights stacked.
 step: the whole 30-block transformer's evaluation for the CFG pair at 1280x704x17 (the seed profile's step), as the
-engine runs it (compiled blocks, one queued ahead), and with each residual step evaluated on its own (low-RAM's way).
-kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy.
+engine runs it (compiled blocks, one queued ahead), and with each residual step evaluated on its own (low-RAM's way);
+then the engine's denoising loop itself (pipeline.generate_latents: UniPC, guidance 5, the pair as one batch) per
+step, with MLX's cache of freed buffers limited as the normal preset limits it and unlimited: what a step costs
+beyond the transformer's evaluation, and whether the limit costs time.
+kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy, and RoPE
+computed two other ways (same numbers) beside the engine's, and the adaLN modulation inside the layer norm kernel.
 vae: VAE decode of 17 and 121 frames at 1280x704, whole chunks and frame by frame, whole frames and in strips:\ntime and MLX peak.
 vae-ledger: where the frame-by-frame decode's peak happens (not part of "all").
 """
@@ -33,6 +37,10 @@ from wan_engine.models.rope import apply_rope, rope_tables  # noqa: E402
 from wan_engine.models.transformer import WanTransformer, WanTransformerBlock, gelu_tanh  # noqa: E402
 from wan_engine.models.vae import WanVAE  # noqa: E402
 from wan_engine.models.vae_layers import FeatureCache  # noqa: E402
+from wan_engine.models.config import SchedulerConfig  # noqa: E402
+from wan_engine.pipeline import generate_latents  # noqa: E402
+from wan_engine.presets import load_preset  # noqa: E402
+from wan_engine.sampling.samplers import UniPCSampler  # noqa: E402
 
 GIB = 2**30
 
@@ -148,9 +156,31 @@ def profile_step(config: TransformerConfig, grids: dict, dtype) -> dict:
             key = "step_ms" if lookahead else "step_each_residual_step_evaluated_ms"
             row[key] = timed(lambda: model(latents, timestep, context, rope))
         row["per_block_ms"] = round(row["step_ms"] / len(model.blocks), 3)
+        model.block_lookahead = True
+        model.compile()
+        noise = mx.random.normal((1, f, 2 * h, 2 * w, config.in_channels))
+        mlx_default = mx.set_cache_limit(int(load_preset("normal").cache_limit_gib * GIB))  # returns the old limit
+        row["engine_loop_step_ms_cache_limit_normal_preset"] = loop_step_ms(model, noise, text)
+        mx.set_cache_limit(mlx_default)
+        row["engine_loop_step_ms_cache_limit_mlx_default"] = loop_step_ms(model, noise, text)
         report[name] = row
         print(name, json.dumps(row), flush=True)
     return report
+
+
+def loop_step_ms(model: WanTransformer, noise: mx.array, text: mx.array, steps: int = 8) -> dict:
+    """The engine's denoising loop (generate_latents, UniPC with Wan's shift, guidance 5) on `noise` with the text
+    states `text` (prompt, negative): each step's milliseconds, timed from one finished step to the next, the first
+    (kernels for the loop's shapes) left out of the median."""
+    sampler = UniPCSampler(steps, 5.0, SchedulerConfig())
+    times, last = [], time.perf_counter()
+    for _ in generate_latents(model, sampler, noise, text, guidance=5.0):
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    measured = sorted(times[1:])
+    return {"median_ms": round(measured[len(measured) // 2] * 1000, 3), "min_ms": round(measured[0] * 1000, 3),
+            "max_ms": round(measured[-1] * 1000, 3), "first_ms": round(times[0] * 1000, 3)}
 
 
 def profile_kernels(dim, heads, ffn, grids, dtype) -> dict:
@@ -171,10 +201,68 @@ def profile_kernels(dim, heads, ffn, grids, dtype) -> dict:
             "rms_norm_ms": timed(lambda: mx.fast.rms_norm(x, weight, 1e-6)),
             "rope_ms": timed(lambda: apply_rope(heads_view, *rope)),
         }
+        row.update(rope_variants(heads_view, rope))
+        row.update(modulated_norm_variants(x))
         report[name] = row
         print(name, json.dumps(row), flush=True)
         mx.clear_cache()
     return report
+
+
+def rope_variants(x: mx.array, rope: tuple) -> dict:
+    """Other ways to compute apply_rope(x, *rope) with the same products and sums, timed, each with its largest
+    difference from apply_rope (0: the same numbers): the channel pair swap as a matmul by a signed permutation
+    (exact: one nonzero term per output) instead of a reversed view's copy, and the two halves of each pair computed
+    apart and interleaved again."""
+    cos, sin_signed = rope
+    head_dim = x.shape[-1]
+    signed_swap = np.zeros((head_dim, head_dim), np.float32)  # x @ signed_swap = [-x1, x0, -x3, x2, ...]
+    signed_swap[np.arange(1, head_dim, 2), np.arange(0, head_dim, 2)] = -1
+    signed_swap[np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)] = 1
+    signed_swap = mx.array(signed_swap).astype(x.dtype)
+    cos_half, sin_half = cos[..., ::2], sin_signed[..., 1::2]  # sin_signed is [-s0, s0, -s1, s1, ...]
+    sin = mx.repeat(sin_half, 2, axis=-1)
+    mx.eval(signed_swap, sin, cos_half, sin_half)
+
+    @mx.compile
+    def swap_by_matmul(x):
+        return (x * cos + (x @ signed_swap) * sin).astype(x.dtype)
+
+    @mx.compile
+    def pairs_apart(x):
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = mx.stack([x1 * cos_half - x2 * sin_half, x1 * sin_half + x2 * cos_half], axis=-1)
+        return out.reshape(x.shape).astype(x.dtype)
+
+    reference = apply_rope(x, *rope)
+    row = {}
+    for name, fn in (("rope_swap_by_matmul", swap_by_matmul), ("rope_pairs_apart", pairs_apart)):
+        row[f"{name}_ms"] = timed(lambda: fn(x))
+        difference = mx.abs(fn(x).astype(mx.float32) - reference.astype(mx.float32)).max()
+        row[f"{name}_max_difference"] = difference.item()
+    return row
+
+
+def modulated_norm_variants(x: mx.array) -> dict:
+    """The block's adaLN norm, (layer_norm(x) * (1 + scale) + shift) in float32 cast back, compiled as the block
+    compiles it, against the modulation handed to the layer norm kernel as its weight and bias (possible where one
+    timestep holds for every token of the batch), with the largest difference between the two."""
+    key = iter(mx.random.split(mx.random.key(1), 2))
+    scale, shift = (mx.random.normal((x.shape[-1],), key=next(key)) * 0.1 for _ in range(2))
+    mx.eval(scale, shift)
+
+    @mx.compile
+    def modulate_after(x):
+        return (mx.fast.layer_norm(x.astype(mx.float32), None, None, 1e-6) * (1 + scale) + shift).astype(x.dtype)
+
+    @mx.compile
+    def modulate_in_kernel(x):
+        return mx.fast.layer_norm(x.astype(mx.float32), 1 + scale, shift, 1e-6).astype(x.dtype)
+
+    difference = mx.abs(modulate_after(x).astype(mx.float32) - modulate_in_kernel(x).astype(mx.float32)).max()
+    return {"layer_norm_modulate_compiled_ms": timed(lambda: modulate_after(x)),
+            "layer_norm_modulation_as_weight_ms": timed(lambda: modulate_in_kernel(x)),
+            "layer_norm_modulation_as_weight_max_difference": difference.item()}
 
 
 def profile_vae(config: VAEConfig, latent_shapes, dtype, modes, repeats: int = 2) -> dict:

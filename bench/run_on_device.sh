@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of bench/README.md, in parts that each fit one device call (at most 10 minutes on one H200),
 # the most wanted first. Run from the project root once MLX's CUDA build is installed (../shared/device/install.sh):
-#     bash bench/run_on_device.sh a "$OUT"     # then b, c, d, on the same machine (the snapshot stays in /tmp)
+#     bash bench/run_on_device.sh a "$OUT"     # then b, c, d, e, on the same machine (the snapshot stays in /tmp)
 # Each part writes its JSON results and one log into the folder given (at most 8 files: what a call brings back).
 set -uo pipefail
 part=$1
@@ -35,6 +35,10 @@ case $part in
     python3 bench/bench_tiny_decoder.py --out "$out/tiny-decoder.json"
     stamp "bench_story"
     python3 bench/bench_story.py --out "$out/story.json" ;;
-  *) echo "parts: a, b, c, d"; exit 2 ;;
+  e)  # what a 17-frame step costs beyond the transformer (the loop, MLX's cache limit), and RoPE / adaLN variants
+    stamp "profile_gpu step, kernels"
+    python3 bench/profile_gpu.py --part step --out "$out/profile-step.json"
+    python3 bench/profile_gpu.py --part kernels --out "$out/profile-kernels.json" ;;
+  *) echo "parts: a, b, c, d, e"; exit 2 ;;
 esac
 stamp "part $part done"
