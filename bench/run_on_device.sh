@@ -35,10 +35,13 @@ case $part in
     python3 bench/bench_tiny_decoder.py --out "$out/tiny-decoder.json"
     stamp "bench_story"
     python3 bench/bench_story.py --out "$out/story.json" ;;
-  e)  # what a 17-frame step costs beyond the transformer (the loop, MLX's cache limit), and RoPE / adaLN variants
+  e)  # what a 17-frame step costs beyond the transformer (the loop, MLX's cache limit), RoPE / adaLN variants;
+      # the MP4's tail on this machine's cores with x264 threaded three ways
     stamp "profile_gpu step, kernels"
     python3 bench/profile_gpu.py --part step --out "$out/profile-step.json"
-    python3 bench/profile_gpu.py --part kernels --out "$out/profile-kernels.json" ;;
+    python3 bench/profile_gpu.py --part kernels --out "$out/profile-kernels.json"
+    stamp "bench_mp4"
+    python3 bench/bench_mp4.py --out "$out/mp4.json" ;;
   *) echo "parts: a, b, c, d, e"; exit 2 ;;
 esac
 stamp "part $part done"

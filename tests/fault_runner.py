@@ -3,9 +3,10 @@ cut or an impatient `kill -9` would end it:
 
     python tests/fault_runner.py OUTPUT.mp4 MOMENT
 
-MOMENT: `denoise` (the first denoising step), `decode` (the first decoded frames, handed to ffmpeg), `saving` (the
-video checked and the sidecar written, both still under partial names) or `landing` (the video renamed into place,
-its sidecar not yet). `none` lets the run finish. The engine is the real one; only the moment of death is chosen.
+MOMENT: `denoise` (the first denoising step), `decode` (the second decoded chunk: the first one's frames are with
+ffmpeg), `saving` (the video checked and the sidecar written, both still under partial names) or `landing` (the
+video renamed into place, its sidecar not yet). `none` lets the run finish. The engine is the real one; only the
+moment of death is chosen.
 """
 
 import os
@@ -38,7 +39,10 @@ def replace_then_maybe_die(self, target):
 Path.replace = replace_then_maybe_die
 engine = Engine("demo", dtype="float32")
 request = GenerationRequest(prompt="a paper boat", width=64, height=64, frames=9, steps=3, seed=1, output=str(output))
+seen = []
 for event in engine.generate(request):
     print(getattr(event, "stage", "result"), flush=True)
-    if getattr(event, "stage", None) == moment:
+    seen.append(getattr(event, "stage", None))
+    # the first chunk's frames go to ffmpeg as the second is handed to the device: die when the MP4 has begun
+    if seen.count(moment) == (2 if moment == "decode" else 1):
         die()

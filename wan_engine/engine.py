@@ -408,6 +408,8 @@ class Engine:
                 done, total, tile is not None, run.latents.shape[1]) + (" (tiny decoder)" if request.decoder == "tiny"
                                                                        else ""),
                 done, total, memory_gib=gib(mx.get_active_memory()))
+        if run.writer is not None:  # rank 0
+            run.writer.flush()
         run.clock.lap(Stage.DECODE)
         self._end_stage(cancel)
 

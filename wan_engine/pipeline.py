@@ -186,6 +186,6 @@ def decode_draft(tiny_decoder, latents: mx.array, cancel=None):
         yield done, total, frames.astype(mx.float32)
 
 
-def frames_to_uint8(frames: mx.array) -> np.ndarray:
-    """Float frames in [0, 1] -> uint8 numpy, rounding to the nearest level (as video.to_uint8), on the device."""
-    return np.array(mx.round(mx.clip(frames, 0.0, 1.0) * 255.0).astype(mx.uint8))
+def frames_to_uint8(frames: mx.array) -> mx.array:
+    """Float frames in [0, 1] -> uint8, rounding to the nearest level (as video.to_uint8), on the device."""
+    return mx.round(mx.clip(frames, 0.0, 1.0) * 255.0).astype(mx.uint8)

@@ -184,8 +184,9 @@ class WanVAE(nn.Module):
                       share: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, int, mx.array | None]]:
         """z (B, t, h, w, z_dim), unnormalized -> the video, one chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1]
         (T_0 = 1 and T_i = 4 after it for Wan's VAEs: 1 + 4 (t - 1) frames in all). Yields (done, total, chunk)
-        after each piece of work, `chunk` None until one is complete; each is evaluated, so between items the
-        caller may report progress or stop.
+        after each piece of work, `chunk` None until one is complete; each is evaluated (or, in a decode that keeps
+        the next piece of work queued, handed to the device: the caller waiting for its frames then finds the device
+        busy with the next chunk, not idle), so between items the caller may report progress or stop.
 
         `strip_width` (latent pixels): the up blocks and the head, which hold nearly all of the memory (their
         causal caches and activations grow with the frame's area), decode the video in vertical strips one after
@@ -215,6 +216,7 @@ class WanVAE(nn.Module):
         for s, (start, end, low, high) in enumerate(strips):
             inner = (low > 0, high < width)
             mid_cache, caches = decode_caches(stages, frame_by_frame, inner, len(strips) > 1)
+            settle = mx.async_eval if caches[0].one_ahead else mx.eval  # one_ahead: the device goes on to the next
             for i in range(x.shape[1]):
                 mid_cache.next_chunk()
                 caches[0].next_chunk()
@@ -225,7 +227,7 @@ class WanVAE(nn.Module):
                 shrink = (decoder.scale * (high - low) - out.shape[3]) // max(sum(inner), 1)
                 left = decoder.scale * (start - low) - shrink * inner[0]
                 columns[i].append(out[:, :, :, left : left + decoder.scale * (end - start)])
-                mx.eval(columns[i][-1], mid_cache.arrays(), [cache.arrays() for cache in caches])
+                settle(columns[i][-1], mid_cache.arrays(), [cache.arrays() for cache in caches])
                 done += 1
                 if s < len(strips) - 1:
                     yield done, total, None
@@ -235,7 +237,7 @@ class WanVAE(nn.Module):
                 if p is not None and p > 1:
                     out = unpatchify(out, p)
                 out = mx.clip(out, -1.0, 1.0)
-                mx.eval(out)
+                settle(out)
                 yield done, total, out
 
     def decode(self, z: mx.array, frame_by_frame: bool = False, strip_width: int | None = None) -> mx.array:

@@ -28,6 +28,7 @@ class VideoWriter:
         self.tail = deque(maxlen=overlap)
         self.kept = [] if keep_frames else None  # float frames of the segments, when asked
         self.skip = 0  # frames still to drop at the start of the segment being decoded
+        self.pending = None  # the frames added last, handed to the device, not yet written: (uint8, tail, kept)
 
     def add_source(self, source: SourceVideo) -> None:
         """The video to continue: its last frames kept now (they condition the first segment), all of it written
@@ -58,24 +59,45 @@ class VideoWriter:
         self.skip = self.overlap if continues else 0
 
     def add(self, frames: mx.array) -> None:
-        """A segment's decoded frames (T, H, W, 3) in [0, 1], in order."""
+        """A segment's decoded frames (T, H, W, 3) in [0, 1], in order. They are handed to the device to be
+        converted and written with the next call (or `flush`): the decoder has queued its next chunk by then, so
+        the device works on it while these frames are copied out and piped to the encoder."""
         drop = min(self.skip, frames.shape[0])
         self.skip -= drop
         frames = frames[drop:]
         if frames.shape[0] == 0:
             return
+        # only the frames kept leave the device as floats: a whole chunk's are 43 MB at 720p
+        tail = frames[-self.overlap:].astype(mx.float32) if self.overlap else None
+        kept = frames.astype(mx.float32) if self.kept is not None else None
+        pending = (frames_to_uint8(frames), tail, kept)
+        mx.async_eval([a for a in pending if a is not None])
+        self.flush()
+        self.pending = pending
+
+    def flush(self) -> None:
+        """Write the frames handed over last."""
+        if self.pending is None:
+            return
+        frames, tail, kept = self.pending
+        self.pending = None
         if self.output is None:
+            # nothing in flight while ffmpeg starts (and reads a video continued): a fork while MLX's CPU stream
+            # is inside OpenBLAS stops OpenBLAS's threads under it, and the stream never finishes
+            mx.synchronize()
             self._open()
-        self.output.add(frames_to_uint8(frames))
-        if self.overlap:  # only the frames kept leave the device as floats: a whole chunk's are 43 MB at 720p
-            self.tail.extend(np.array(frames[-self.overlap:].astype(mx.float32)))
-        if self.kept is not None:
-            self.kept.append(np.array(frames.astype(mx.float32)))
+        self.output.add(np.array(frames))
+        if tail is not None:
+            self.tail.extend(np.array(tail))
+        if kept is not None:
+            self.kept.append(np.array(kept))
 
     def given_frames(self) -> mx.array:
         """The last `overlap` frames written, as the next segment's given frames (1, K, H, W, 3) in [-1, 1] (as
         pipeline.load_image scales a first frame)."""
+        self.flush()
         return mx.array(np.stack(self.tail) * 2.0 - 1.0)[None]
 
     def frames(self) -> np.ndarray | None:
+        self.flush()
         return None if self.kept is None else np.concatenate(self.kept)
