@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of bench/README.md, in parts that each fit one device call (at most 10 minutes on one H200),
 # the most wanted first. Run from the project root once MLX's CUDA build is installed (../shared/device/install.sh):
-#     bash bench/run_on_device.sh a "$OUT"     # then b, c, d, e, on the same machine (the snapshot stays in /tmp)
+#     bash bench/run_on_device.sh a "$OUT"     # then b, c, d, e, f, on the same machine (the snapshot stays in /tmp)
 # Each part writes its JSON results and one log into the folder given (at most 8 files: what a call brings back).
 set -uo pipefail
 part=$1
@@ -15,9 +15,14 @@ case $part in
     stamp "bench_gpu seed-17f"
     python3 bench/bench_gpu.py --cases seed-17f --variants ours,diffusers,diffusers_compiled --compile-vae \
       --out "$out/gpu-seed-17f.json" ;;
-  b)  # the 50-step video whole (Quality) and Balanced; the low-RAM preset: click to first step, decode peak
-    stamp "bench_magcache normal"
-    python3 bench/bench_magcache.py --presets normal --skip-diffusers --repeats 1 --out "$out/magcache-normal.json"
+  b)  # the 50-step video whole, Quality, three times (about 6 minutes with the warm-up)
+    stamp "bench_magcache normal quality"
+    python3 bench/bench_magcache.py --presets normal --skip-diffusers --modes quality \
+      --out "$out/magcache-normal-quality.json" ;;
+  f)  # the same with Balanced, three times; the low-RAM preset: click to first step, decode peak
+    stamp "bench_magcache normal balanced"
+    python3 bench/bench_magcache.py --presets normal --skip-diffusers --modes balanced \
+      --out "$out/magcache-normal-balanced.json"
     stamp "bench_gpu seed-17f low-ram"
     python3 bench/bench_gpu.py --cases seed-17f --variants ours_low_ram --out "$out/gpu-seed-17f-low-ram.json" ;;
   c)  # the 3-step 121-frame video, new and cached prompt; the 121-frame step and decode; where a 17-frame step goes
@@ -42,6 +47,6 @@ case $part in
     python3 bench/profile_gpu.py --part kernels --out "$out/profile-kernels.json"
     stamp "bench_mp4"
     python3 bench/bench_mp4.py --out "$out/mp4.json" ;;
-  *) echo "parts: a, b, c, d, e"; exit 2 ;;
+  *) echo "parts: a, b, c, d, e, f"; exit 2 ;;
 esac
 stamp "part $part done"
