@@ -1,12 +1,14 @@
 """The in-process MP4 check (outputs/mp4_boxes.py) against ffmpeg's own demuxer: the same frame count on files that
-ffmpeg's muxer lays out in different ways, and every cut or damaged file refused."""
+ffmpeg's muxer lays out in different ways, and every cut or damaged file refused; and MP4s read while MLX computes."""
 
 import subprocess
+import sys
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from wan_engine.errors import WanError
 from wan_engine.outputs.mp4_boxes import DamagedMP4, video_frame_count
 from wan_engine.outputs.video import VideoOutput
@@ -82,3 +84,37 @@ def test_a_video_that_does_not_read_back_is_not_landed(tmp_path):
     with pytest.raises(WanError, match=f"could not save the video in {tmp_path}: the written file does not read back"):
         output.close()
     assert list(tmp_path.iterdir()) == []  # the partial files are gone, nothing landed
+
+
+def test_videos_are_read_while_mlx_computes_on_another_thread(tmp_path):
+    """The history and a continued video read MP4s through imageio-ffmpeg while the engine may be computing: its
+    ffmpeg processes must start without running fork handlers (OpenBLAS's stop the threads of a BLAS call under way
+    on MLX's CPU stream, which then never returns). Bounded: a hang fails the test."""
+    path = tmp_path / "v.mp4"
+    encode(path, 9, [])
+    script = f"""
+import threading, time
+import imageio_ffmpeg, mlx.core as mx
+import wan_engine  # sets how imageio-ffmpeg starts ffmpeg
+
+stop = False
+def read():
+    while not stop:
+        frames = imageio_ffmpeg.read_frames({str(path)!r})
+        next(frames)
+        frames.close()
+reader = threading.Thread(target=read)
+reader.start()
+a = mx.random.normal((512, 512))
+start = time.time()
+while time.time() - start < 3:
+    x = a
+    for _ in range(20):
+        x = x @ a / 512
+    mx.eval(x)
+stop = True
+reader.join()
+print("done")
+"""
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert ran.returncode == 0 and ran.stdout.strip() == "done", ran.stderr

@@ -31,6 +31,12 @@ from ..errors import WanError
 from ..model_files.cache_files import partial_name, stale_partials
 from .mp4_boxes import DamagedMP4, video_frame_count
 
+# imageio-ffmpeg starts its ffmpeg processes with a pre-exec function (its own process group), which makes Python
+# fork rather than vfork; a fork runs OpenBLAS's fork handlers, which stop its threads under a BLAS call another
+# thread has under way (MLX's CPU stream), and that call never returns. Without the pre-exec function Python vforks:
+# reading a video (the history, a video to continue) while the engine computes is then safe. Its ffmpeg processes
+# stay in our process group, as the encoder's always were.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
 METADATA_TEXT_CHARS = 2000  # longest text kept in one MP4 tag
 CRF = 10  # H.264 quality (imageio-ffmpeg's quality 8 of 10)
 # Fewer frames held back inside x264 (veryfast looks 10 ahead, plus one frame per thread): what is still held when

@@ -82,9 +82,6 @@ class VideoWriter:
         frames, tail, kept = self.pending
         self.pending = None
         if self.output is None:
-            # nothing in flight while ffmpeg starts (and reads a video continued): a fork while MLX's CPU stream
-            # is inside OpenBLAS stops OpenBLAS's threads under it, and the stream never finishes
-            mx.synchronize()
             self._open()
         self.output.add(np.array(frames))
         if tail is not None:
