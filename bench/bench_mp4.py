@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan_engine.outputs import video  # noqa: E402
 
+FRAME_THREADS = "rc-lookahead=4:sync-lookahead=0"  # the engine's setting before sliced threads: a frame per thread
 VARIANTS = {
-    "engine": video.X264_LATENCY,
-    "sliced_threads": video.X264_LATENCY + ":sliced-threads=1",  # each frame split across the threads: no frames
-    # held for the other threads, slightly larger files
-    "eight_frame_threads": video.X264_LATENCY + ":threads=8",  # fewer frames in flight than x264's 1.5 per core
+    "engine": video.X264_LATENCY,  # each frame split across the threads: none held for the other threads
+    "frame_threads": FRAME_THREADS,
+    "eight_frame_threads": FRAME_THREADS + ":threads=8",  # fewer frames in flight than x264's 1.5 per core
 }
 
 
