@@ -13,7 +13,8 @@ then the engine's denoising loop itself (pipeline.generate_latents: UniPC, guida
 step, with MLX's cache of freed buffers limited as the normal preset limits it and unlimited: what a step costs
 beyond the transformer's evaluation, and whether the limit costs time.
 kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy, and RoPE
-computed two other ways (same numbers) beside the engine's, and the adaLN modulation inside the layer norm kernel.
+computed three other ways (same numbers) beside the engine's, the adaLN modulation inside the layer norm kernel, and
+(on CUDA) the engine's one-kernel norms (wan_engine/models/fused.py) against the MLX operations they replace.
 vae: VAE decode of 17 and 121 frames at 1280x704, whole chunks and frame by frame, whole frames and in strips:\ntime and MLX peak.
 vae-ledger: where the frame-by-frame decode's peak happens (not part of "all").
 """
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
+from wan_engine.models import fused  # noqa: E402
 from wan_engine.models.config import TransformerConfig, VAEConfig  # noqa: E402
 from wan_engine.models.rope import apply_rope, rope_tables  # noqa: E402
 from wan_engine.models.transformer import WanTransformer, WanTransformerBlock, gelu_tanh  # noqa: E402
@@ -155,6 +157,12 @@ def profile_step(config: TransformerConfig, grids: dict, dtype) -> dict:
             model.compile()
             key = "step_ms" if lookahead else "step_each_residual_step_evaluated_ms"
             row[key] = timed(lambda: model(latents, timestep, context, rope))
+        if mx.cuda.is_available():  # the blocks' norms as MLX operations instead of one CUDA kernel each
+            fused.USE_CUDA_KERNELS = False
+            model.block_lookahead = True
+            model.compile()
+            row["step_without_fused_kernels_ms"] = timed(lambda: model(latents, timestep, context, rope))
+            fused.USE_CUDA_KERNELS = True
         row["per_block_ms"] = round(row["step_ms"] / len(model.blocks), 3)
         model.block_lookahead = True
         model.compile()
@@ -203,6 +211,8 @@ def profile_kernels(dim, heads, ffn, grids, dtype) -> dict:
         }
         row.update(rope_variants(heads_view, rope))
         row.update(modulated_norm_variants(x))
+        if mx.cuda.is_available():
+            row.update(fused_variants(x, heads, rope, grid[0]))
         report[name] = row
         print(name, json.dumps(row), flush=True)
         mx.clear_cache()
@@ -229,6 +239,12 @@ def rope_variants(x: mx.array, rope: tuple) -> dict:
         return (x * cos + (x @ signed_swap) * sin).astype(x.dtype)
 
     @mx.compile
+    def pair_view(x):  # the swap as a reversed view of the pair axis, read by the kernel: no copy of x
+        pairs = x.reshape(*x.shape[:-1], -1, 2)
+        out = pairs * cos.reshape(*cos.shape[:-1], -1, 2) + pairs[..., ::-1] * sin_signed.reshape(*cos.shape[:-1], -1, 2)
+        return out.reshape(x.shape).astype(x.dtype)
+
+    @mx.compile
     def pairs_apart(x):
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = mx.stack([x1 * cos_half - x2 * sin_half, x1 * sin_half + x2 * cos_half], axis=-1)
@@ -236,10 +252,30 @@ def rope_variants(x: mx.array, rope: tuple) -> dict:
 
     reference = apply_rope(x, *rope)
     row = {}
-    for name, fn in (("rope_swap_by_matmul", swap_by_matmul), ("rope_pairs_apart", pairs_apart)):
+    for name, fn in (("rope_swap_by_matmul", swap_by_matmul), ("rope_pairs_apart", pairs_apart),
+                     ("rope_pair_view", pair_view)):
         row[f"{name}_ms"] = timed(lambda: fn(x))
         difference = mx.abs(fn(x).astype(mx.float32) - reference.astype(mx.float32)).max()
         row[f"{name}_max_difference"] = difference.item()
+    return row
+
+
+def fused_variants(x: mx.array, heads: int, rope: tuple, frames: int) -> dict:
+    """The query's RMS norm and RoPE, and the adaLN norm (one timestep group per latent frame): wan_engine's one CUDA
+    kernel each (models/fused.py) against the MLX operations they replace, timed, with the largest difference."""
+    weight = (1 + 0.1 * mx.random.normal((x.shape[-1],))).astype(x.dtype)
+    grouped = x.reshape(x.shape[0], frames, -1, x.shape[-1])
+    scale, shift = (0.1 * mx.random.normal((*grouped.shape[:2], 1, x.shape[-1])) for _ in range(2))
+    mx.eval(weight, scale, shift)
+    row = {}
+    for name, fn in (("rms_norm_rope", lambda: fused.rms_norm_rope(x, weight, 1e-6, rope, heads)),
+                     ("modulated_layer_norm", lambda: fused.modulated_layer_norm(grouped, scale, shift, 1e-6))):
+        results = {}
+        for kernels in (False, True):
+            fused.USE_CUDA_KERNELS = kernels
+            results[kernels] = fn()
+            row[f"{name}_{'one_cuda_kernel' if kernels else 'mlx_operations'}_ms"] = timed(fn)
+        row[f"{name}_max_difference"] = mx.abs(results[True].astype(mx.float32) - results[False].astype(mx.float32)).max().item()
     return row
 
 

@@ -40,8 +40,10 @@ case $part in
     python3 bench/bench_tiny_decoder.py --out "$out/tiny-decoder.json"
     stamp "bench_story"
     python3 bench/bench_story.py --out "$out/story.json" ;;
-  e)  # what a 17-frame step costs beyond the transformer (the loop, MLX's cache limit), RoPE / adaLN variants;
-      # the MP4's tail on this machine's cores with x264 threaded three ways
+  e)  # the one-kernel norms (tested against MLX's operations, then timed); what a 17-frame step costs beyond the
+      # transformer (the loop, MLX's cache limit), RoPE / adaLN variants; the MP4's tail with x264 threaded three ways
+    stamp "tests/test_fused_kernels.py (pytest from the wheels)"
+    python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_fused_kernels.py
     stamp "profile_gpu step, kernels"
     python3 bench/profile_gpu.py --part step --out "$out/profile-step.json"
     python3 bench/profile_gpu.py --part kernels --out "$out/profile-kernels.json"

@@ -27,7 +27,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import TransformerConfig
-from .rope import apply_rope, rope_axis_dims, rope_tables
+from .fused import modulated_layer_norm, rms_norm_rope
+from .rope import rope_axis_dims, rope_tables
 
 
 @mx.compile  # one kernel, compiled per shape: a shapeless compile runs ~5x slower on CUDA for the FFN's activations
@@ -154,21 +155,23 @@ class WanAttention(nn.Module):
         """(B, ..., dim) -> (B, L, heads, head_dim), flattening all token axes into L."""
         return x.reshape(x.shape[0], -1, self.heads, x.shape[-1] // self.heads)
 
+    def _normed_heads(self, x: mx.array, norm: nn.RMSNorm, rope: tuple = None) -> mx.array:
+        """Projected queries or keys -> RMS-normed heads (B, L, heads, head_dim), rotated when `rope` is given."""
+        if rope is None:
+            return self._heads(norm(x))
+        return rms_norm_rope(x, norm.weight, norm.eps, rope, self.heads)
+
     def key_value(self, states: mx.array, rope: tuple = None) -> tuple:
         """Keys and values (B, heads, L, head_dim) of `states` (of every process's tokens, in a group's
         self-attention); cross-attention computes these once per run."""
-        k, v = self._heads(self.norm_k(self.to_k(states))), self._heads(self.to_v(states))
-        if rope is not None:
-            k = apply_rope(k, *rope)
+        k, v = self._normed_heads(self.to_k(states), self.norm_k, rope), self._heads(self.to_v(states))
         k, v = self.tokens.gather_keys(k), self.tokens.gather_keys(v)
         return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def __call__(self, x: mx.array, kv: tuple = None, rope: tuple = None) -> mx.array:
         """Self-attention over x's tokens (with `rope`; in a group, x's queries over every process's tokens), or
         cross-attention to precomputed `kv`. Keeps x's shape."""
-        q = self._heads(self.norm_q(self.to_q(x)))
-        if rope is not None:
-            q = apply_rope(q, *rope)
+        q = self._normed_heads(self.to_q(x), self.norm_q, rope)
         k, v = self.key_value(x, rope) if kv is None else kv
         out = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k, v, scale=self.scale)
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(x.shape))
@@ -232,7 +235,7 @@ class WanTransformerBlock(nn.Module):
 
     def self_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         shift, scale, gate = self.modulation(timestep_proj, 0)
-        norm_x = (self.norm1(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
+        norm_x = modulated_layer_norm(x, scale, shift, self.norm1.eps)
         return (x.astype(mx.float32) + self.attn1(norm_x, rope=rope) * gate).astype(x.dtype)
 
     def cross_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
@@ -242,7 +245,7 @@ class WanTransformerBlock(nn.Module):
 
     def feed_forward(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         shift, scale, gate = self.modulation(timestep_proj, 3)
-        norm_x = (self.norm3(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
+        norm_x = modulated_layer_norm(x, scale, shift, self.norm3.eps)
         return (x.astype(mx.float32) + self.ffn(norm_x).astype(mx.float32) * gate).astype(x.dtype)
 
 
