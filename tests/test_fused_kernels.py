@@ -54,6 +54,17 @@ def test_modulated_layer_norm_matches_the_mlx_operations(mlx_operations, dtype, 
     assert difference(kernel, reference) <= tolerance
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(mx.float32, 2e-5), (mx.bfloat16, 5e-2)])
+@pytest.mark.parametrize("weight_dtype", [mx.float32, mx.bfloat16])
+def test_affine_layer_norm_matches_the_mlx_operations(mlx_operations, dtype, tolerance, weight_dtype):
+    x = (4 + 3 * mx.random.normal((2, 3, 11, 3072))).astype(dtype)
+    weight, bias = ((1 + 0.3 * mx.random.normal((3072,))).astype(weight_dtype) for _ in range(2))
+    kernel = fused.affine_layer_norm(x, weight, bias, 1e-6)
+    reference = mlx_operations(fused.affine_layer_norm, x, weight, bias, 1e-6)
+    assert kernel.dtype == dtype and kernel.shape == x.shape
+    assert difference(kernel, reference) <= tolerance
+
+
 def test_a_compiled_block_matches_the_mlx_operations(mlx_operations):
     """The kernels inside a compiled block (the engine's way), per-frame timestep groups, in float32."""
     dim, heads, grid = 96, 2, (3, 2, 4)

@@ -2,12 +2,15 @@
 
 MLX runs `mx.fast.rms_norm` / `layer_norm` and the compiled elementwise work around them (the queries' and keys'
 RoPE, the adaLN modulation, the casts to float32 and back) as separate kernels, each a full pass over a block's
-activations. Where the default device is a CUDA GPU, the functions here run one kernel each; elsewhere (the CPU,
-Metal) the same math in MLX operations. On an H100 the 17-frame step (the guidance pair, 30 blocks) took 178.7 ms
-with the kernels for the q / k norms and the adaLN norms against 194.6 ms without (bench/profile_gpu.py --part
-step). The kernels round as diffusers does: they compute in float32, cast the RMS-normed row to the weight's dtype
-before its product (diffusers' `RMSNorm`), and round once at the end; tests/test_fused_kernels.py holds them to the
-MLX operations (which the parity tests hold to diffusers) on the GPU machine.
+activations. Where the default device is a CUDA GPU, three kernels here take one pass each: the q / k RMS norm with
+its RoPE, the adaLN layer norm with its modulation, and the cross-attention's affine layer norm (the adaLN kernel
+with the norm's weight and bias). Elsewhere (the CPU, Metal) the functions run the same math in MLX operations.
+
+On an H100 the 17-frame step (the guidance pair, 30 blocks) took 167.3 ms with the three kernels against 195.9 ms
+without (bench/profile_gpu.py --part step, same run; 178.7 ms with the first two). The kernels round as diffusers does:
+they compute in float32, cast the RMS-normed row to the weight's dtype before its product (diffusers' `RMSNorm`),
+and round once at the end; tests/test_fused_kernels.py holds them to the MLX operations (which the parity tests
+hold to diffusers) on the GPU machine.
 """
 
 import mlx.core as mx
@@ -60,8 +63,9 @@ _RMS_NORM_ROPE = """
     }
 """
 
-# One block of threads per token row: x (rows, DIM); GROUP_TOKENS rows share a (scale, shift) row.
-_MODULATED_LAYER_NORM = """
+# One block of threads per token row: x (rows, DIM); GROUP_TOKENS rows share a (scale, shift) row. MODULATED
+# multiplies the normed row by (1 + scale), as adaLN does; otherwise by scale (an affine norm's weight).
+_LAYER_NORM = """
     const int row = blockIdx.x;
     const T* x_row = x + (size_t)row * DIM;
     const float* scale_row = scale + (size_t)(row / GROUP_TOKENS) * DIM;
@@ -78,7 +82,8 @@ _MODULATED_LAYER_NORM = """
     const float rstd = rsqrtf(block_sum(squares) / DIM + EPS);
     for (int i = threadIdx.x; i < DIM; i += blockDim.x) {
         const float normed = (static_cast<float>(x_row[i]) - mean) * rstd;
-        out_row[i] = T(normed * (1.0f + scale_row[i]) + shift_row[i]);
+        const float factor = MODULATED ? 1.0f + scale_row[i] : scale_row[i];
+        out_row[i] = T(normed * factor + shift_row[i]);
     }
 """
 
@@ -124,11 +129,24 @@ def modulated_layer_norm(x: mx.array, scale: mx.array, shift: mx.array, eps: flo
     float32 and returned in x's dtype: diffusers' adaLN norm (FP32LayerNorm, then the modulation)."""
     if not cuda_kernels_apply():
         return (mx.fast.layer_norm(x.astype(mx.float32), None, None, eps) * (1 + scale) + shift).astype(x.dtype)
+    return _layer_norm(x, scale, shift, eps, modulated=True)
+
+
+def affine_layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """x (B, G, N, dim) -> layer_norm(x) * weight + bias, computed in float32 and returned in x's dtype: diffusers'
+    `norm2(hidden_states.float()).type_as(hidden_states)` (an FP32LayerNorm with its affine parameters)."""
+    weight, bias = weight.astype(mx.float32), bias.astype(mx.float32)
+    if not cuda_kernels_apply():
+        return mx.fast.layer_norm(x.astype(mx.float32), weight, bias, eps).astype(x.dtype)
+    return _layer_norm(x, weight, bias, eps, modulated=False)
+
+
+def _layer_norm(x: mx.array, scale: mx.array, shift: mx.array, eps: float, modulated: bool) -> mx.array:
     dim = x.shape[-1]
-    kernel = _kernel("modulated_layer_norm", ["x", "scale", "shift"], _MODULATED_LAYER_NORM, eps)
+    kernel = _kernel("layer_norm", ["x", "scale", "shift"], _LAYER_NORM, eps)
     scale, shift = (mx.broadcast_to(a, (*x.shape[:2], 1, dim)).astype(mx.float32) for a in (scale, shift))
     (out,) = kernel(inputs=[x, scale, shift],
-                    template=[("T", x.dtype), ("GROUP_TOKENS", x.shape[2]), ("DIM", dim)],
+                    template=[("T", x.dtype), ("MODULATED", modulated), ("GROUP_TOKENS", x.shape[2]), ("DIM", dim)],
                     grid=(x.size // dim * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
                     output_shapes=[x.shape], output_dtypes=[x.dtype])
     return out

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import TransformerConfig
-from .fused import modulated_layer_norm, rms_norm_rope
+from .fused import affine_layer_norm, modulated_layer_norm, rms_norm_rope
 from .rope import rope_axis_dims, rope_tables
 
 
@@ -55,7 +55,9 @@ def timestep_embedding(timestep: mx.array, dim: int, max_period: float = 10000.0
 
 
 class FP32LayerNorm(nn.Module):
-    """diffusers `FP32LayerNorm`: layer norm computed in float32 (the callers pass float32 and keep the result)."""
+    """diffusers `FP32LayerNorm`: a layer norm computed in float32 and returned in the input's dtype (diffusers casts
+    back). The adaLN norms, without parameters, run together with their modulation (`modulated_layer_norm`) and
+    take only `eps` from here."""
 
     def __init__(self, dim: int, eps: float, elementwise_affine: bool = False):
         super().__init__()
@@ -65,10 +67,9 @@ class FP32LayerNorm(nn.Module):
             self.bias = mx.zeros((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = x.astype(mx.float32)
         if "weight" in self:
-            return mx.fast.layer_norm(x, self.weight.astype(mx.float32), self.bias.astype(mx.float32), self.eps)
-        return mx.fast.layer_norm(x, None, None, self.eps)
+            return affine_layer_norm(x, self.weight, self.bias, self.eps)
+        return mx.fast.layer_norm(x.astype(mx.float32), None, None, self.eps).astype(x.dtype)
 
 
 class TimestepEmbedding(nn.Module):
@@ -240,7 +241,7 @@ class WanTransformerBlock(nn.Module):
 
     def cross_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         # diffusers adds this residual in the compute dtype, not float32
-        norm_x = self.norm2(x.astype(mx.float32)).astype(x.dtype)
+        norm_x = self.norm2(x)
         return x + self.attn2(norm_x, kv=kv)
 
     def feed_forward(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
@@ -365,7 +366,7 @@ class WanTransformer(nn.Module):
 
         # Output norm with the final float32 modulation, projection, unpatchify
         shift, scale = mx.split(self.scale_shift_table.astype(mx.float32) + temb[:, :, None], 2, axis=2)
-        x = (self.norm_out(x.astype(mx.float32)) * (1 + scale) + shift).astype(dtype)
+        x = modulated_layer_norm(x, scale, shift, self.norm_out.eps)
         x = self.proj_out(x)
         x = self.tokens.gather_tokens(x)
 
