@@ -6,10 +6,11 @@ machine's cores encode there).
     python3 bench/bench_mp4.py                          # 121 frames of 1280x704, 4 frames every 0.13 s
     python3 bench/bench_mp4.py --frames 17 --repeats 3 --out /tmp/mp4.json
 
-Each variant is an x264 parameter string beside the engine's `X264_LATENCY`; the frames are a smooth moving picture
-with a little noise (what a decoded video compresses like, roughly), the same for every variant. Reported per
-variant: the median (min, max) of the tail, the time feeding the frames took (at the pace, unless the encoder falls
-behind) and the file's size.
+Each variant is an x264 parameter string beside the engine's `X264_LATENCY`, with a preset, at a pace; the frames
+are a smooth moving picture with a little noise (what a decoded video compresses like, roughly), the same for every
+variant. Reported per variant: the median (min, max) of the tail, the time feeding the frames took (at the pace,
+unless the encoder falls behind), the two together, and the file's size. A draft's frames come at the tiny
+decoder's pace, nearly at once, so for the `draft` variants feed and tail together are its wait.
 """
 
 import argparse
@@ -28,10 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_engine.outputs import video  # noqa: E402
 
 FRAME_THREADS = "rc-lookahead=4:sync-lookahead=0"  # the engine's setting before sliced threads: a frame per thread
+DRAFT_PACE_S = 0.0035  # the tiny decoder's 4 frames at 1280x704 (0.108 s for 121 frames on an H100)
+# name: (x264 parameters, preset, seconds between chunks; None: --pace, the full decoder's)
 VARIANTS = {
-    "engine": video.X264_LATENCY,  # each frame split across the threads: none held for the other threads
-    "frame_threads": FRAME_THREADS,
-    "eight_frame_threads": FRAME_THREADS + ":threads=8",  # fewer frames in flight than x264's 1.5 per core
+    "engine": (video.X264_LATENCY, video.X264_PRESET, None),  # each frame split across the threads
+    "frame_threads": (FRAME_THREADS, video.X264_PRESET, None),
+    "eight_frame_threads": (FRAME_THREADS + ":threads=8", video.X264_PRESET, None),  # fewer frames in flight
+    # a draft: the frames come at the tiny decoder's pace, so encoding them all is the wait
+    "draft": (video.X264_LATENCY, video.X264_DRAFT_PRESET, DRAFT_PACE_S),
+    "draft_with_the_videos_preset": (video.X264_LATENCY, video.X264_PRESET, DRAFT_PACE_S),
 }
 
 
@@ -46,10 +52,10 @@ def moving_picture(frames: int, width: int, height: int) -> np.ndarray:
     return video
 
 
-def tail(frames: np.ndarray, chunk: int, pace_s: float, params: str, folder: Path) -> dict:
+def tail(frames: np.ndarray, chunk: int, pace_s: float, params: str, preset: str, folder: Path) -> dict:
     """Feed `frames` `chunk` at a time every `pace_s`, then close and land: the seconds after the last chunk."""
     video.X264_LATENCY = params
-    output = video.VideoOutput(folder / "v.mp4", frames.shape[2], frames.shape[1], 24)
+    output = video.VideoOutput(folder / "v.mp4", frames.shape[2], frames.shape[1], 24, x264_preset=preset)
     start = time.perf_counter()
     for i in range(0, len(frames), chunk):
         output.add(frames[i : i + chunk])
@@ -80,15 +86,18 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         runs = {name: [] for name in VARIANTS}
         for _ in range(args.repeats):  # variants alternate, so a slow moment of the machine hits all alike
-            for name, params in VARIANTS.items():
-                runs[name].append(tail(frames, args.chunk, args.pace, params, Path(folder)))
+            for name, (params, preset, pace) in VARIANTS.items():
+                runs[name].append(tail(frames, args.chunk, args.pace if pace is None else pace, params, preset,
+                                       Path(folder)))
     for name, results in runs.items():
         tails = [r["tail_s"] for r in results]
         report["variants"][name] = {
-            "x264_params": VARIANTS[name], "tail_median_s": round(statistics.median(tails), 4),
+            "x264_params": VARIANTS[name][0], "preset": VARIANTS[name][1],
+            "tail_median_s": round(statistics.median(tails), 4),
             "tail_min_s": round(min(tails), 4), "tail_max_s": round(max(tails), 4),
             "close_median_s": round(statistics.median(r["close_s"] for r in results), 4),
             "feed_median_s": round(statistics.median(r["feed_s"] for r in results), 3),
+            "feed_and_tail_median_s": round(statistics.median(r["feed_s"] + r["tail_s"] for r in results), 3),
             "megabytes": round(results[0]["bytes"] / 1e6, 2)}
         print(name, json.dumps(report["variants"][name]), flush=True)
     if args.out:

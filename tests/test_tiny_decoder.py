@@ -4,6 +4,7 @@ drafts: decoded by it, their latents kept, finished by the full VAE into the ver
 
 import http.server
 import json
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -134,6 +135,7 @@ def test_a_draft_is_the_tiny_decoders_and_finishes_into_the_full_runs_frames(dem
     assert all(key.startswith("encoder.") for key in loaded.missing_keys)  # the demo ships the decoder alone
     assert np.abs(draft.frames - reference_decode(reference.eval(), latents)).max() < BAR
     assert read_video(draft.video_path)[0].shape == (9, 64, 96, 3)
+    assert x264_settings(draft.video_path)["cabac"] == "0"  # the draft's encoder preset: ultrafast
 
     *_, finished = demo_engine.finish(draft.video_path, keep_frames=True)
     *_, full = demo_engine.generate(GenerationRequest(**REQUEST))
@@ -143,6 +145,13 @@ def test_a_draft_is_the_tiny_decoders_and_finishes_into_the_full_runs_frames(dem
     assert finished_sidecar["decoder"] == "full" and finished_sidecar["finished_from"] == draft.video_path.name
     assert finished_sidecar["settings"] == sidecar["settings"] and finished_sidecar["seed"] == 3
     assert "denoise_s" not in finished_sidecar["timings"]
+    assert x264_settings(finished.video_path)["cabac"] == "1"  # a finished video's: veryfast
+
+
+def x264_settings(path) -> dict:
+    """The encoder settings x264 writes into the stream (its SEI text: "x264 - core ... options: cabac=1 ...")."""
+    options = re.search(rb"x264 - core [^\0]*? options: ([^\0]*)", path.read_bytes()).group(1).decode()
+    return dict(option.split("=", 1) for option in options.split() if "=" in option)
 
 
 def test_image_to_video_drafts_finish_too(demo_engine, tmp_path):

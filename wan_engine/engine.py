@@ -45,7 +45,7 @@ from .run import Run, StepTimer, decode_message, drain
 from .sampling.samplers import make_sampler, sampler_defaults
 from .version import __version__
 from .images import SourceVideo
-from .outputs.video import prepare_folder, remove_stale_partials
+from .outputs.video import X264_DRAFT_PRESET, X264_PRESET, prepare_folder, remove_stale_partials
 from .outputs.writer import VideoWriter
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -259,7 +259,8 @@ class Engine:
         run.settings = run.settings or run.make_settings(self.model, self.dtype_name, self.preset.name)
         run.writer = VideoWriter(run.video_path, request.width, request.height, request.fps,
                                  {"title": request.prompt, "comment": dataclasses.asdict(run.settings)},
-                                 request.overlap_frames, request.keep_frames)
+                                 request.overlap_frames, request.keep_frames,
+                                 X264_DRAFT_PRESET if request.decoder == "tiny" else X264_PRESET)
 
     def _end_stage(self, cancel: CancelToken | None) -> None:
         """Between stages: return the memory the stage left behind (its arrays are freed as they are dropped), and

@@ -45,6 +45,13 @@ CRF = 10  # H.264 quality (imageio-ffmpeg's quality 8 of 10)
 # on 16 cores, alike on 2, same quality setting, a file no larger (bench/bench_mp4.py: a 121-frame 1280x704 video
 # fed at the decoder's pace).
 X264_LATENCY = "rc-lookahead=4:sync-lookahead=0:sliced-threads=1"
+X264_PRESET = "veryfast"
+# A draft's frames all come at once (the tiny decoder takes 0.11 s for 121 frames at 1280x704), so its wait is x264
+# encoding them: 1.58 s of decode and 0.86 s of save around 0.11 s of decoding on an H100 machine's 16 cores
+# (bench_tiny_decoder). With ultrafast, at the same quality setting, a draft's 121 frames took 1.04 s from the
+# first frame to the landed file against 3.26 s with veryfast, the file 51 MB against 35 (bench_mp4's `draft`
+# variants, 2 cores); a draft is finished later in full quality, and with X264_PRESET.
+X264_DRAFT_PRESET = "ultrafast"
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -132,7 +139,8 @@ class VideoOutput:
     `abort` (also after any error) leaves nothing behind.
     """
 
-    def __init__(self, path, width: int, height: int, fps: int, tags: dict | None = None):
+    def __init__(self, path, width: int, height: int, fps: int, tags: dict | None = None,
+                 x264_preset: str = X264_PRESET):
         self.path = Path(path)
         self.sidecar_path = self.path.with_suffix(".json")
         self.size = (width, height)
@@ -150,7 +158,7 @@ class VideoOutput:
                 imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-v", "error",
                 "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
                 "-f", "ffmetadata", "-i", str(self.tags_file), "-map", "0:v", "-map_metadata", "1",
-                "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF), "-preset", "veryfast",
+                "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF), "-preset", x264_preset,
                 "-x264-params", X264_LATENCY,
                 "-movflags", "+faststart", "-f", "mp4", str(self.partial),
             ]

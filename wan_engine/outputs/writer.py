@@ -17,8 +17,9 @@ from .video import VideoOutput
 
 
 class VideoWriter:
-    def __init__(self, path, width: int, height: int, fps: int, tags: dict, overlap: int, keep_frames: bool):
-        self.opening = (path, width, height, fps, tags)
+    def __init__(self, path, width: int, height: int, fps: int, tags: dict, overlap: int, keep_frames: bool,
+                 x264_preset: str):
+        self.opening = (path, width, height, fps, tags, x264_preset)
         self.output = None  # opened by the first frames
         self.source = None
         self.size = (width, height)
