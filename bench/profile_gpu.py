@@ -36,8 +36,7 @@ from mlx.utils import tree_flatten, tree_map  # noqa: E402
 from wan_engine.models import fused  # noqa: E402
 from wan_engine.models.config import TransformerConfig, VAEConfig  # noqa: E402
 from wan_engine.models.rope import apply_rope, rope_tables  # noqa: E402
-from wan_engine.models.fused import gelu_tanh  # noqa: E402
-from wan_engine.models.transformer import WanTransformer, WanTransformerBlock  # noqa: E402
+from wan_engine.models.transformer import WanTransformer, WanTransformerBlock, gelu_tanh  # noqa: E402
 from wan_engine.models.vae import WanVAE  # noqa: E402
 from wan_engine.models.vae_layers import FeatureCache  # noqa: E402
 from wan_engine.models.config import SchedulerConfig  # noqa: E402
@@ -164,10 +163,7 @@ def profile_step(config: TransformerConfig, grids: dict, dtype) -> dict:
             model.block_lookahead = True
             model.compile()
             row["step_without_fused_kernels_ms"] = timed(lambda: model(latents, timestep, context, rope))
-            fused.USE_CUDA_KERNELS, fused.USE_ELEMENTWISE_KERNELS = True, False  # the three norm kernels alone
-            model.compile()
-            row["step_with_the_norm_kernels_alone_ms"] = timed(lambda: model(latents, timestep, context, rope))
-            fused.USE_ELEMENTWISE_KERNELS = True
+            fused.USE_CUDA_KERNELS = True
         row["per_block_ms"] = round(row["step_ms"] / len(model.blocks), 3)
         model.block_lookahead = True
         model.compile()
@@ -266,29 +262,20 @@ def rope_variants(x: mx.array, rope: tuple) -> dict:
 
 
 def fused_variants(x: mx.array, heads: int, rope: tuple, frames: int) -> dict:
-    """The query's RMS norm and RoPE, the adaLN norm (one timestep group per latent frame), the feed-forward's GELU
-    and a gated residual: wan_engine's one CUDA kernel each (models/fused.py) against the MLX operations they replace
-    (the elementwise ones compiled, as in the blocks), timed, with the largest difference."""
+    """The query's RMS norm and RoPE, and the adaLN norm (one timestep group per latent frame): wan_engine's one CUDA
+    kernel each (models/fused.py) against the MLX operations they replace, timed, with the largest difference."""
     weight = (1 + 0.1 * mx.random.normal((x.shape[-1],))).astype(x.dtype)
     grouped = x.reshape(x.shape[0], frames, -1, x.shape[-1])
     scale, shift = (0.1 * mx.random.normal((*grouped.shape[:2], 1, x.shape[-1])) for _ in range(2))
-    residual = mx.random.normal(grouped.shape).astype(x.dtype)
-    hidden = mx.random.normal((*x.shape[:2], 4 * x.shape[-1])).astype(x.dtype)  # the feed-forward's, TI2V-5B's ratio
-    mx.eval(weight, scale, shift, residual, hidden)
-    cases = {  # name: (function, its arguments, compiled as the blocks compile it)
-        "rms_norm_rope": (lambda x: fused.rms_norm_rope(x, weight, 1e-6, rope, heads), (x,), False),
-        "modulated_layer_norm": (lambda x: fused.modulated_layer_norm(x, scale, shift, 1e-6), (grouped,), False),
-        "gelu": (fused.gelu_tanh, (hidden,), True),
-        "gated_residual": (fused.gated_residual, (grouped, residual, scale), True),
-    }
+    mx.eval(weight, scale, shift)
     row = {}
-    for name, (fn, args, compiled) in cases.items():
+    for name, fn in (("rms_norm_rope", lambda: fused.rms_norm_rope(x, weight, 1e-6, rope, heads)),
+                     ("modulated_layer_norm", lambda: fused.modulated_layer_norm(grouped, scale, shift, 1e-6))):
         results = {}
         for kernels in (False, True):
             fused.USE_CUDA_KERNELS = kernels
-            run = mx.compile(lambda *a, fn=fn: fn(*a)) if compiled else fn  # a trace of its own for each way
-            results[kernels] = run(*args)
-            row[f"{name}_{'one_cuda_kernel' if kernels else 'mlx_operations'}_ms"] = timed(lambda: run(*args))
+            results[kernels] = fn()
+            row[f"{name}_{'one_cuda_kernel' if kernels else 'mlx_operations'}_ms"] = timed(fn)
         row[f"{name}_max_difference"] = mx.abs(results[True].astype(mx.float32) - results[False].astype(mx.float32)).max().item()
     return row
 

@@ -65,44 +65,6 @@ def test_affine_layer_norm_matches_the_mlx_operations(mlx_operations, dtype, tol
     assert difference(kernel, reference) <= tolerance
 
 
-def relative(dtype) -> float:
-    """The elementwise kernels' tolerance relative to the largest value: float32 round-off (a fused multiply-add
-    where MLX rounds twice), or a bfloat16 rounding."""
-    return 2e-6 if dtype == mx.float32 else 1e-2
-
-
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 37, 3072), (3, 5, 7), (1, 1, 3)])
-def test_gelu_matches_the_mlx_operations(mlx_operations, dtype, shape):
-    x = (3 * mx.random.normal(shape)).astype(dtype)
-    kernel = fused.gelu_tanh(x)
-    reference = mlx_operations(fused.gelu_tanh, x)
-    assert kernel.dtype == dtype and kernel.shape == x.shape
-    assert difference(kernel, reference) <= relative(dtype) * max(1.0, mx.abs(reference).max().item())
-
-
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_the_elementwise_kernels_take_an_unaligned_view(mlx_operations, dtype):
-    """A view that starts mid-vector (one element in): the kernels fall back to one element at a time there."""
-    whole = (3 * mx.random.normal((2 * 5 * 64 + 1,))).astype(dtype)
-    x, y = whole[1:].reshape(2, 1, 5, 64), whole[:-1].reshape(2, 1, 5, 64)
-    gate = mx.random.normal((2, 1, 1, 64))
-    for fn, args in ((fused.gelu_tanh, (x,)), (fused.gated_residual, (x, y, gate))):
-        reference = mlx_operations(fn, *args)
-        assert difference(fn(*args), reference) <= relative(dtype) * max(1.0, mx.abs(reference).max().item())
-
-
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("groups, tokens, dim", [(1, 37, 3072), (5, 8, 96), (3, 2, 36)])
-def test_gated_residual_matches_the_mlx_operations(mlx_operations, dtype, groups, tokens, dim):
-    x, y = ((2 + 3 * mx.random.normal((2, groups, tokens, dim))).astype(dtype) for _ in range(2))
-    gate = mx.random.normal((2, groups, 1, dim))
-    kernel = fused.gated_residual(x, y, gate)
-    reference = mlx_operations(fused.gated_residual, x, y, gate)
-    assert kernel.dtype == dtype and kernel.shape == x.shape
-    assert difference(kernel, reference) <= relative(dtype) * max(1.0, mx.abs(reference).max().item())
-
-
 def test_a_compiled_block_matches_the_mlx_operations(mlx_operations):
     """The kernels inside a compiled block (the engine's way), per-frame timestep groups, in float32."""
     dim, heads, grid = 96, 2, (3, 2, 4)

@@ -1,28 +1,24 @@
-"""A transformer block's norms and elementwise work, each one pass over the tokens where MLX runs on CUDA.
+"""A transformer block's norms, each one pass over the tokens where MLX runs on CUDA.
 
 MLX runs `mx.fast.rms_norm` / `layer_norm` and the compiled elementwise work around them (the queries' and keys'
 RoPE, the adaLN modulation, the casts to float32 and back) as separate kernels, each a full pass over a block's
 activations. Where the default device is a CUDA GPU, three kernels here take one pass each: the q / k RMS norm with
 its RoPE, the adaLN layer norm with its modulation, and the cross-attention's affine layer norm (the adaLN kernel
-with the norm's weight and bias). Two more do elementwise work MLX's compiled kernels already do in one pass, with
-16-byte loads and stores: the feed-forward's GELU and the gated residuals. Elsewhere (the CPU, Metal) the functions
-run the same math in MLX operations.
+with the norm's weight and bias). Elsewhere (the CPU, Metal) the functions run the same math in MLX operations.
 
-On an H100 the 17-frame step (the guidance pair, 30 blocks) took 167.3 ms with the three norm kernels against
-195.9 ms without (bench/profile_gpu.py --part step, same run; 178.7 ms with the first two). The kernels round as
-diffusers does: they compute in float32, cast the RMS-normed row to the weight's dtype before its product
-(diffusers' `RMSNorm`), and round once at the end; tests/test_fused_kernels.py holds them to the MLX operations
-(which the parity tests hold to diffusers) on the GPU machine.
+On an H100 the 17-frame step (the guidance pair, 30 blocks) took 167.3 ms with the three kernels against 195.9 ms
+without (bench/profile_gpu.py --part step, same run; 178.7 ms with the first two). The kernels round as diffusers does:
+they compute in float32, cast the RMS-normed row to the weight's dtype before its product (diffusers' `RMSNorm`),
+and round once at the end; tests/test_fused_kernels.py holds them to the MLX operations (which the parity tests
+hold to diffusers) on the GPU machine.
 """
 
 import mlx.core as mx
 
 from .rope import apply_rope
 
-# Switches for benchmarks (bench/profile_gpu.py times the step each way): USE_CUDA_KERNELS False runs the MLX
-# operations everywhere; USE_ELEMENTWISE_KERNELS False only for the GELU and the gated residuals.
+# A switch for benchmarks (bench/profile_gpu.py times the step both ways): False runs the MLX operations everywhere.
 USE_CUDA_KERNELS = True
-USE_ELEMENTWISE_KERNELS = True
 
 _BLOCK_SUM = """
 // The sum of every thread's `value` in the block (blockDim.x a multiple of 32, at most 1024), for every thread.
@@ -91,53 +87,6 @@ _LAYER_NORM = """
     }
 """
 
-# Elementwise kernels: each thread takes 16 bytes of consecutive elements, loaded and stored as one vector where
-# the arrays allow it (aligned, whole packs, a pack within one row), one element at a time otherwise.
-_PACKS = """
-template <typename T> struct alignas(16) Pack { T v[16 / sizeof(T)]; };
-__device__ bool aligned(const void* p) { return reinterpret_cast<size_t>(p) % 16 == 0; }
-// torch's gelu(approximate="tanh") in float32, operation for operation (as gelu_tanh's MLX operations)
-__device__ float gelu(float v) {
-    const float inner = 0.7978845608028654f * (v + 0.044715f * (v * v * v));
-    return 0.5f * v * (1.0f + tanhf(inner));
-}
-"""
-
-_GELU = """
-    constexpr int N = 16 / sizeof(T);
-    const size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * N;
-    if (first >= SIZE) return;
-    if (first + N <= SIZE && aligned(x)) {
-        const Pack<T> in = *reinterpret_cast<const Pack<T>*>(x + first);
-        Pack<T> result;
-        #pragma unroll
-        for (int k = 0; k < N; ++k) result.v[k] = T(gelu(static_cast<float>(in.v[k])));
-        *reinterpret_cast<Pack<T>*>(out + first) = result;
-    } else {
-        for (size_t i = first; i < first + N && i < SIZE; ++i) out[i] = T(gelu(static_cast<float>(x[i])));
-    }
-"""
-
-# x and y (rows, DIM), GROUP_TOKENS rows sharing a gate row: x + y * gate in float32, rounded once.
-_GATED_RESIDUAL = """
-    constexpr int N = 16 / sizeof(T);
-    const size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * N;
-    if (first >= SIZE) return;
-    if (first + N <= SIZE && DIM % N == 0 && aligned(x) && aligned(y)) {
-        const float* gate_row = gate + (first / DIM / GROUP_TOKENS) * DIM + first % DIM;
-        const Pack<T> a = *reinterpret_cast<const Pack<T>*>(x + first);
-        const Pack<T> b = *reinterpret_cast<const Pack<T>*>(y + first);
-        Pack<T> result;
-        #pragma unroll
-        for (int k = 0; k < N; ++k)
-            result.v[k] = T(static_cast<float>(a.v[k]) + static_cast<float>(b.v[k]) * gate_row[k]);
-        *reinterpret_cast<Pack<T>*>(out + first) = result;
-    } else {
-        for (size_t i = first; i < first + N && i < SIZE; ++i)
-            out[i] = T(static_cast<float>(x[i]) + static_cast<float>(y[i]) * gate[(i / DIM / GROUP_TOKENS) * DIM + i % DIM]);
-    }
-"""
-
 _THREADS = 256
 _kernels = {}  # (name, eps) -> compiled kernel
 
@@ -147,9 +96,9 @@ def cuda_kernels_apply() -> bool:
     return USE_CUDA_KERNELS and mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
-def _kernel(name: str, inputs: list, source: str, eps: float = 0.0):
+def _kernel(name: str, inputs: list, source: str, eps: float):
     if (name, eps) not in _kernels:
-        header = _BLOCK_SUM + _PACKS + f"constexpr float EPS = {float(eps)!r}f;\n"
+        header = _BLOCK_SUM + f"constexpr float EPS = {float(eps)!r}f;\n"
         # MLX keeps one compiled module per kernel name and template arguments: each eps needs a name of its own
         unique = f"wan_{name}_{len(_kernels)}"
         _kernels[name, eps] = mx.fast.cuda_kernel(unique, inputs, ["out"], source, header=header)
@@ -201,41 +150,3 @@ def _layer_norm(x: mx.array, scale: mx.array, shift: mx.array, eps: float, modul
                     grid=(x.size // dim * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
                     output_shapes=[x.shape], output_dtypes=[x.dtype])
     return out
-
-
-def gelu_tanh(x: mx.array) -> mx.array:
-    """torch `gelu(approximate="tanh")` as PyTorch's kernel computes it, operation for operation, in float32 (its
-    bfloat16 kernel computes in float32 too), returned in x's dtype."""
-    if not _elementwise_kernels_apply(x):
-        x32 = x.astype(mx.float32)
-        inner = 0.7978845608028654 * (x32 + 0.044715 * (x32 * x32 * x32))  # sqrt(2 / pi)
-        return (0.5 * x32 * (1 + mx.tanh(inner))).astype(x.dtype)
-    kernel = _kernel("gelu", ["x"], _GELU)
-    (out,) = kernel(inputs=[x], template=[("T", x.dtype), ("SIZE", x.size)], grid=(_elementwise_threads(x), 1, 1),
-                    threadgroup=(_THREADS, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])
-    return out
-
-
-def gated_residual(x: mx.array, y: mx.array, gate: mx.array) -> mx.array:
-    """x, y (B, G, N, dim), gate (B, G, 1, dim) float32 -> x + y * gate computed in float32 and returned in x's
-    dtype: a block's residual with its adaLN gate (diffusers' `(hidden_states.float() + output * gate)`)."""
-    if not _elementwise_kernels_apply(x) or y.dtype != x.dtype:
-        return (x.astype(mx.float32) + y.astype(mx.float32) * gate).astype(x.dtype)
-    dim = x.shape[-1]
-    gate = mx.broadcast_to(gate, (*x.shape[:2], 1, dim)).astype(mx.float32)
-    kernel = _kernel("gated_residual", ["x", "y", "gate"], _GATED_RESIDUAL)
-    (out,) = kernel(inputs=[x, y, gate],
-                    template=[("T", x.dtype), ("SIZE", x.size), ("GROUP_TOKENS", x.shape[2]), ("DIM", dim)],
-                    grid=(_elementwise_threads(x), 1, 1), threadgroup=(_THREADS, 1, 1),
-                    output_shapes=[x.shape], output_dtypes=[x.dtype])
-    return out
-
-
-def _elementwise_kernels_apply(x: mx.array) -> bool:
-    return USE_ELEMENTWISE_KERNELS and cuda_kernels_apply() and x.size < 2**31  # indexed with the int SIZE
-
-
-def _elementwise_threads(x: mx.array) -> int:
-    """Threads for an elementwise kernel over x: one per 16 bytes, rounded up to whole thread blocks."""
-    packs = -(-x.size // (16 // x.itemsize))
-    return -(-packs // _THREADS) * _THREADS

@@ -27,11 +27,19 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import TransformerConfig
-from .fused import affine_layer_norm, gated_residual, gelu_tanh, modulated_layer_norm, rms_norm_rope
+from .fused import affine_layer_norm, modulated_layer_norm, rms_norm_rope
 from .rope import rope_axis_dims, rope_tables
 
 
 @mx.compile  # one kernel, compiled per shape: a shapeless compile runs ~5x slower on CUDA for the FFN's activations
+def gelu_tanh(x: mx.array) -> mx.array:
+    """torch `gelu(approximate="tanh")` as PyTorch's kernel computes it, operation for operation, in float32 (its
+    bfloat16 kernel computes in float32 too)."""
+    x32 = x.astype(mx.float32)
+    inner = 0.7978845608028654 * (x32 + 0.044715 * (x32 * x32 * x32))  # sqrt(2 / pi)
+    return (0.5 * x32 * (1 + mx.tanh(inner))).astype(x.dtype)
+
+
 def timestep_embedding(timestep: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
     """diffusers `get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=0)`: [cos, sin], float32."""
     half = dim // 2
@@ -229,7 +237,7 @@ class WanTransformerBlock(nn.Module):
     def self_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         shift, scale, gate = self.modulation(timestep_proj, 0)
         norm_x = modulated_layer_norm(x, scale, shift, self.norm1.eps)
-        return gated_residual(x, self.attn1(norm_x, rope=rope), gate)
+        return (x.astype(mx.float32) + self.attn1(norm_x, rope=rope) * gate).astype(x.dtype)
 
     def cross_attention(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         # diffusers adds this residual in the compute dtype, not float32
@@ -239,7 +247,7 @@ class WanTransformerBlock(nn.Module):
     def feed_forward(self, x: mx.array, timestep_proj: mx.array, kv: tuple, rope: tuple) -> mx.array:
         shift, scale, gate = self.modulation(timestep_proj, 3)
         norm_x = modulated_layer_norm(x, scale, shift, self.norm3.eps)
-        return gated_residual(x, self.ffn(norm_x), gate)
+        return (x.astype(mx.float32) + self.ffn(norm_x).astype(mx.float32) * gate).astype(x.dtype)
 
 
 class WanTransformer(nn.Module):
