@@ -2,6 +2,7 @@
 # The GPU measurements of bench/README.md, in parts that each fit one device call (at most 10 minutes on one H200),
 # the most wanted first. Run from the project root once MLX's CUDA build is installed (../shared/device/install.sh):
 #     bash bench/run_on_device.sh a "$OUT"     # then b, c, d, e, f, on the same machine (the snapshot stays in /tmp)
+#     bash bench/run_on_device.sh g "$OUT"     # issue #25's goals alone: a, then the 3-step 121-frame video
 # Each part writes its JSON results and one log into the folder given (at most 8 files: what a call brings back).
 set -uo pipefail
 part=$1
@@ -15,6 +16,10 @@ case $part in
     stamp "bench_gpu seed-17f"
     python3 bench/bench_gpu.py --cases seed-17f --variants ours,diffusers,diffusers_compiled --compile-vae \
       --out "$out/gpu-seed-17f.json" ;;
+  g)  # issue #25's goals in one call (about 8 minutes): part a, then the 3-step 121-frame video, new and cached prompt
+    bash "$0" a "$out"
+    stamp "bench_fast dmd"
+    python3 bench/bench_fast.py --parts dmd --out "$out/fast-dmd.json" ;;
   b)  # the 50-step video whole, Quality, three times (about 6 minutes with the warm-up)
     stamp "bench_magcache normal quality"
     python3 bench/bench_magcache.py --presets normal --skip-diffusers --modes quality \
@@ -49,6 +54,6 @@ case $part in
     python3 bench/profile_gpu.py --part kernels --out "$out/profile-kernels.json"
     stamp "bench_mp4"
     python3 bench/bench_mp4.py --out "$out/mp4.json" ;;
-  *) echo "parts: a, b, c, d, e, f"; exit 2 ;;
+  *) echo "parts: a, b, c, d, e, f, g"; exit 2 ;;
 esac
 stamp "part $part done"
