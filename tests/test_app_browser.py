@@ -81,6 +81,14 @@ def test_a_prompt_and_generate_make_a_video_on_a_desktop_and_a_phone(page, scree
     print(f"\nscreenshots: {screenshots / 'desktop.png'} and {screenshots / 'phone.png'}")
 
 
+def test_a_refused_request_says_why_in_the_progress_line(page):
+    visible(page.get_by_label("Prompt", exact=True)).fill("   ")
+    visible(page.get_by_role("button", name="Generate", exact=True)).click()
+    progress = page.locator("#progress")
+    expect(progress).to_contain_text("Failed: the prompt is empty: describe the video you want", timeout=30_000)
+    expect(progress.locator(".error")).to_be_hidden()  # Gradio's badge would cover the line
+
+
 def test_image_to_video_shows_its_size_before_generating(page, tmp_path, screenshots):
     picture = tmp_path / "wide.png"
     Image.new("RGB", (120, 80), (40, 160, 90)).save(picture)

@@ -6,6 +6,7 @@ first with the previous result cleared, then a progress line (and a latent previ
 finally the video, the seed used and the settings. Their parameter names are the API's parameter names.
 """
 
+import functools
 import hashlib
 import io
 import logging
@@ -41,6 +42,19 @@ READINESS_POLL_S = 0.25  # how often a page that opened during the warm-up hears
 WARM_UP_SESSION = "warm-up"  # the warm-up's run belongs to no page, so no page's Stop ends it
 
 
+def said_in_the_progress_line(handler):
+    """A generation handler whose refusals (gr.Error, before or during the run) also stand in the progress line:
+    Gradio's toast fades after a few seconds, and the line would otherwise keep the last run's words."""
+    @functools.wraps(handler)
+    def refusing(*args, **kwargs):
+        try:
+            yield from handler(*args, **kwargs)
+        except gr.Error as error:
+            yield progress_update(failed_text(error.message))
+            raise
+    return refusing
+
+
 class Studio:
     def __init__(self, config: StudioConfig):
         self.config = config
@@ -59,6 +73,7 @@ class Studio:
         self.warm_up_run = self.engine_thread.start(WARM_UP_SESSION, self.warm_up, None) if config.warmup else None
 
     # -- the API ---------------------------------------------------------------------------------------------------
+    @said_in_the_progress_line
     def text_to_video(
         self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, extend=None,
         overlap_frames=1, continuations=(), sampler=None, cache=None, decoder=None, options=None,
@@ -84,6 +99,7 @@ class Studio:
         yield from self.run(lambda engine, token: engine.generate(generation, token), options,
                             request.session_hash or "")
 
+    @said_in_the_progress_line
     def image_to_video(
         self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler,
         cache, decoder, options, request: gr.Request,
@@ -101,6 +117,7 @@ class Studio:
         yield from self.run(lambda engine, token: engine.generate(generation, token), options,
                             request.session_hash or "")
 
+    @said_in_the_progress_line
     def finish(self, video, options, request: gr.Request):
         """Finish a draft (a video made with the decoder "tiny"): its kept latents decoded in full quality, no
         denoising repeated; the finished video joins the history beside its draft. `video`: the draft's file name

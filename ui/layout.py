@@ -49,6 +49,8 @@ CSS = """
 #live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 /* a landscape video fills its column; a portrait one stays within the screen */
 .capped-video video { max-height: 420px; }
+/* a refusal stands in the progress line itself (handlers.said_in_the_progress_line): no error badge over it */
+#progress [data-testid="status-tracker"]:has(.error) { display: none; }
 /* two stills a row on a phone, instead of four squeezed ones */
 @media (max-width: 640px) { #history-gallery .grid-container { grid-template-columns: repeat(2, 1fr) !important; } }
 """
