@@ -151,6 +151,8 @@ def test_stop_ends_the_run_within_a_step_and_the_next_run_works(client, app_serv
 
 def test_clients_wait_in_line_see_their_place_and_stop_leaves_the_line(app_server):
     first, second, third = (Client(app_server.url, verbose=False) for _ in range(3))
+    with pytest.raises(AppError, match="prompt"):  # an Improve prompt first: it shares the line, not its own limit
+        first.predict(api_name="/improve_prompt", prompt=" ")
     long_run = first.submit(api_name="/text_to_video", prompt="first in line", width=160, height=96, frames=33,
                             steps=30, seed=21)
     wait_until(lambda: any("Denoising" in update[3] for update in long_run.outputs()))

@@ -81,12 +81,39 @@ def test_a_prompt_and_generate_make_a_video_on_a_desktop_and_a_phone(page, scree
     print(f"\nscreenshots: {screenshots / 'desktop.png'} and {screenshots / 'phone.png'}")
 
 
-def test_a_refused_request_says_why_in_the_progress_line(page):
-    visible(page.get_by_label("Prompt", exact=True)).fill("   ")
-    visible(page.get_by_role("button", name="Generate", exact=True)).click()
+def test_a_refused_request_says_why_in_its_status_line_and_covers_nothing(page):
     progress = page.locator("#progress")
+    expect(progress).to_contain_text("Ready", timeout=RUN_TIMEOUT_MS)  # the warm-up's last word comes before
+    prompt = visible(page.get_by_label("Prompt", exact=True))
+    prompt.fill("   ")
+    visible(page.get_by_role("button", name="Generate", exact=True)).click()
     expect(progress).to_contain_text("Failed: the prompt is empty: describe the video you want", timeout=30_000)
     expect(progress.locator(".error")).to_be_hidden()  # Gradio's badge would cover the line
+
+    visible(page.get_by_role("button", name="Improve prompt")).click()
+    expect(page.get_by_text("Failed: the prompt is empty: write a few words").first).to_be_visible(timeout=30_000)
+    covers = page.locator("[data-testid=status-tracker] .error").filter(visible=True)
+    expect(covers).to_have_count(0)  # the prompt box is not covered either
+    prompt.click()  # a click reaches the box, not a cover over it
+    page.keyboard.type("a kite")
+    expect(prompt).to_have_value("   a kite")
+
+
+def test_a_damaged_picture_is_refused_on_the_line_under_it_and_in_the_progress_line(page, tmp_path):
+    whole = tmp_path / "whole.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    expect(page.locator("#progress")).to_contain_text("Ready", timeout=RUN_TIMEOUT_MS)
+    page.get_by_role("tab", name="Image to video").click()
+    page.locator("input[type=file]").set_input_files(cut)
+    expect(page.get_by_text("This picture cannot be used: the image cut.png is damaged or cut short")).to_be_visible(
+        timeout=15_000)
+    visible(page.get_by_label("Prompt", exact=True)).fill("the meadow sways")
+    visible(page.get_by_role("button", name="Generate", exact=True)).click()
+    expect(page.locator("#progress")).to_contain_text("Failed: the image cut.png is damaged or cut short",
+                                                      timeout=30_000)
+    expect(page.locator("[data-testid=status-tracker] .error").filter(visible=True)).to_have_count(0)
 
 
 def test_image_to_video_shows_its_size_before_generating(page, tmp_path, screenshots):

@@ -12,7 +12,7 @@ from .config import StudioConfig
 from .handlers import random_seed
 from .loras import HELP as LORA_HELP
 from .loras import lora_choices
-from .pictures import PictureInput, readable_picture
+from .pictures import PictureInput, open_picture, readable_picture
 from .story import StoryInputs, build_story
 from .sizes import crop_to_aspect, duration_text, parse_size, resolution_choices, size_for_aspect, size_label
 
@@ -92,7 +92,8 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
     with gr.Row(equal_height=True):
         missing = extras_missing(image=for_image)
         improve = gr.Button("Improve prompt", size="sm", scale=1, visible=missing is None)
-        improve_status = gr.Markdown(IMPROVE_HELP if missing is None else f"Improve prompt: {missing}.")
+        improve_status = gr.Markdown(IMPROVE_HELP if missing is None else f"Improve prompt: {missing}.",
+                                     elem_classes="status-line")
     gr.Examples(examples, inputs=[prompt], label="Example prompts")
     story = None if for_image else build_story()
 
@@ -179,9 +180,10 @@ def size_note_text(image, width, height) -> str:
     """The line under the picture: the video size and which part of the picture it shows."""
     if not image:
         return UPLOAD_NOTE
-    picture = readable_picture(image)
-    if picture is None:
-        return "**This file cannot be read as a picture**: upload a PNG, JPEG or WebP."
+    try:
+        picture = open_picture(image)
+    except gr.Error as error:
+        return f"**This picture cannot be used**: {error.message}."
     if not width or not height:
         return f"Picture {picture.width}x{picture.height}: give both width and height, or 0 for both."
     kept = crop_to_aspect(picture, int(width), int(height)).size

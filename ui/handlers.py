@@ -42,17 +42,30 @@ READINESS_POLL_S = 0.25  # how often a page that opened during the warm-up hears
 WARM_UP_SESSION = "warm-up"  # the warm-up's run belongs to no page, so no page's Stop ends it
 
 
-def said_in_the_progress_line(handler):
-    """A generation handler whose refusals (gr.Error, before or during the run) also stand in the progress line:
-    Gradio's toast fades after a few seconds, and the line would otherwise keep the last run's words."""
-    @functools.wraps(handler)
-    def refusing(*args, **kwargs):
-        try:
-            yield from handler(*args, **kwargs)
-        except gr.Error as error:
-            yield progress_update(failed_text(error.message))
-            raise
-    return refusing
+def progress_update(text: str, preview=None) -> tuple:
+    """An update while running: no result yet (the fields stay empty), the progress line and the preview."""
+    return None, None, None, text, preview
+
+
+def writing_update(text: str) -> tuple:
+    """Improve prompt's update: the prompt box as it is, the status line under it."""
+    return gr.skip(), text
+
+
+def refusals_said(update):
+    """A streaming handler whose refusals (gr.Error, before or during its run) also stand in its status line, as
+    `update(text)` puts them there: Gradio's toast fades after a few seconds, and the line would otherwise keep
+    older words."""
+    def decorate(handler):
+        @functools.wraps(handler)
+        def refusing(*args, **kwargs):
+            try:
+                yield from handler(*args, **kwargs)
+            except gr.Error as error:
+                yield update(failed_text(error.message))
+                raise
+        return refusing
+    return decorate
 
 
 class Studio:
@@ -73,7 +86,7 @@ class Studio:
         self.warm_up_run = self.engine_thread.start(WARM_UP_SESSION, self.warm_up, None) if config.warmup else None
 
     # -- the API ---------------------------------------------------------------------------------------------------
-    @said_in_the_progress_line
+    @refusals_said(progress_update)
     def text_to_video(
         self, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, extend=None,
         overlap_frames=1, continuations=(), sampler=None, cache=None, decoder=None, options=None,
@@ -99,7 +112,7 @@ class Studio:
         yield from self.run(lambda engine, token: engine.generate(generation, token), options,
                             request.session_hash or "")
 
-    @said_in_the_progress_line
+    @refusals_said(progress_update)
     def image_to_video(
         self, image, prompt, negative_prompt, width, height, frames, steps, guidance, shift, seed, fps, loras, sampler,
         cache, decoder, options, request: gr.Request,
@@ -117,7 +130,7 @@ class Studio:
         yield from self.run(lambda engine, token: engine.generate(generation, token), options,
                             request.session_hash or "")
 
-    @said_in_the_progress_line
+    @refusals_said(progress_update)
     def finish(self, video, options, request: gr.Request):
         """Finish a draft (a video made with the decoder "tiny"): its kept latents decoded in full quality, no
         denoising repeated; the finished video joins the history beside its draft. `video`: the draft's file name
@@ -190,6 +203,7 @@ class Studio:
         return path
 
     # -- running ---------------------------------------------------------------------------------------------------
+    @refusals_said(writing_update)
     def improve_prompt(self, prompt, image=None, language="en", seed=-1, options=None, request: gr.Request = None):
         """Improve prompt: `prompt` rewritten by the prompt writer (Wan's prompt extension: a small instruct model
         and Wan's system prompt) for editing before Generate; with `image` (image to video) the writer looks at the
@@ -199,16 +213,16 @@ class Studio:
             raise gr.Error(message)
         if not prompt or not prompt.strip():
             raise gr.Error("the prompt is empty: write a few words for the writer to build on")
-        yield gr.skip(), waiting_text("Starting")
+        yield writing_update(waiting_text("Starting"))
         run = self.engine_thread.start(
             request.session_hash if request else "", lambda run: self.write_prompt(prompt, image, language, seed, options),
-            lambda ahead: (gr.skip(), waiting_text(f"Waiting for {ahead} run{'s' * (ahead > 1)} ahead of yours")))
+            lambda ahead: writing_update(waiting_text(f"Waiting for {ahead} run{'s' * (ahead > 1)} ahead of yours")))
         yield from run.stream()
 
     def write_prompt(self, prompt, image, language, seed, options):
         """On the engine's thread (MLX): the writer is kept between prompts, and released after each under the
         low-RAM preset, before the video model needs the memory."""
-        yield gr.skip(), waiting_text("Writing: loading the prompt writer's model (downloaded once)")
+        yield writing_update(waiting_text("Writing: loading the prompt writer's model (downloaded once)"))
         writer = self.prompt_writer = self.prompt_writer or PromptWriter(self.config.prompt_model,
                                                                          self.config.prompt_model)
         try:
@@ -327,11 +341,6 @@ class Studio:
     def history(self):
         runs = history.load_history(self.config.output_dir)
         return history.gallery_items(runs), runs
-
-
-def progress_update(text: str, preview=None) -> tuple:
-    """An update while running: no result yet (the fields stay empty), the progress line and the preview."""
-    return None, None, None, text, preview
 
 
 def shown_settings(result: Result) -> dict:

@@ -12,17 +12,17 @@ READABLE = "upload a PNG, JPEG or WebP picture"
 
 
 class PictureInput(gr.Image):
-    """gr.Image whose unreadable uploads get an error that names the upload and says what to upload, instead of a
-    stack trace."""
+    """gr.Image that hands an unreadable upload on as its path (gr.Image would fail on it with a stack trace), so
+    the handlers refuse it in their own lines, naming the file and saying what to upload (open_picture)."""
 
     is_template = True  # the browser draws it as a plain gr.Image
 
     def preprocess(self, payload):
         if payload is not None and payload.path:
             try:
-                open_image(payload.path, name=payload.orig_name or Path(payload.path).name)
-            except WanError as error:
-                raise gr.Error(str(error)) from None
+                open_image(payload.path)
+            except WanError:
+                return payload.path
         return super().preprocess(payload)
 
 
@@ -32,7 +32,7 @@ def open_picture(path) -> Image.Image:
     if not path:
         raise gr.Error(f"there is no image: {READABLE} for the video to start from")
     try:
-        return open_image(path)
+        return open_image(path, name=Path(str(path)).name)  # an upload keeps its own name in Gradio's cache
     except WanError as error:
         raise gr.Error(str(error)) from None
 
