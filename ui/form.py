@@ -83,7 +83,7 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
         image = PictureInput(label="First frame", type="filepath", sources=["upload", "clipboard"], height=260)
         size_note = gr.Markdown(UPLOAD_NOTE)
     prompt = gr.Textbox(
-        label="Prompt", lines=3, value=None,
+        label="Prompt", lines=3, value=None, elem_classes="no-error-cover",  # Improve prompt's refusals: its line
         placeholder="What happens in the video" if for_image else "Describe the video: subject, action, place, light",
     )
     with gr.Row():  # right under the prompt: on a phone it stays in the first screen
@@ -93,7 +93,7 @@ def build_form(config: StudioConfig, examples: list[str], for_image: bool) -> Fo
         missing = extras_missing(image=for_image)
         improve = gr.Button("Improve prompt", size="sm", scale=1, visible=missing is None)
         improve_status = gr.Markdown(IMPROVE_HELP if missing is None else f"Improve prompt: {missing}.",
-                                     elem_classes="status-line")
+                                     elem_classes="no-error-cover")
     gr.Examples(examples, inputs=[prompt], label="Example prompts")
     story = None if for_image else build_story()
 

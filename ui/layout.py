@@ -49,8 +49,9 @@ CSS = """
 #live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 /* a landscape video fills its column; a portrait one stays within the screen */
 .capped-video video { max-height: 420px; }
-/* a refusal stands in the status line itself (handlers.refusals_said): no error badge over it */
-.status-line [data-testid="status-tracker"]:has(.error) { display: none; }
+/* a refusal stands in the handler's status line itself (handlers.refusals_said): no error cover over that line,
+   nor over the prompt box that Improve prompt writes into */
+.no-error-cover [data-testid="status-tracker"]:has(.error) { display: none; }
 /* two stills a row on a phone, instead of four squeezed ones */
 @media (max-width: 640px) { #history-gallery .grid-container { grid-template-columns: repeat(2, 1fr) !important; } }
 """
@@ -193,7 +194,7 @@ def run_options(preset: str, preview: bool) -> dict:
 
 
 def build_results(progress_text: str) -> Results:
-    progress = gr.Markdown(progress_text, label="Progress", elem_id="progress", elem_classes="status-line",
+    progress = gr.Markdown(progress_text, label="Progress", elem_id="progress", elem_classes="no-error-cover",
                            container=True, min_height=48)
     preview = gr.Image(label="Live preview", type="numpy", interactive=False, height=180, elem_id="live-preview",
                        buttons=[], placeholder="A rough picture of the video appears here at each step.")
@@ -273,14 +274,11 @@ def wire_improve(text_form: Form, image_form: Form, options, studio: Studio) -> 
     language, seed, no_image = gr.State("en"), gr.State(-1), gr.State(None)
     # The generation line's limit too: Gradio lowers a concurrency group's limit to that of any event it queues,
     # and the default (one) would leave the line's runs waiting in Gradio's queue, unseen by our line and its Stop.
-    # The progress (and a refusal) shows on the status line alone: an error cover would hide the prompt box.
     common = dict(concurrency_id="generation", concurrency_limit=studio.config.queue_size)
     text_form.improve.click(studio.improve_prompt, [text_form.prompt, no_image, language, seed, options],
-                            [text_form.prompt, text_form.improve_status], api_name="improve_prompt",
-                            show_progress_on=[text_form.improve_status], **common)
+                            [text_form.prompt, text_form.improve_status], api_name="improve_prompt", **common)
     image_form.improve.click(studio.improve_prompt, [image_form.prompt, image_form.image, language, seed, options],
-                             [image_form.prompt, image_form.improve_status], api_visibility="private",
-                             show_progress_on=[image_form.improve_status], **common)
+                             [image_form.prompt, image_form.improve_status], api_visibility="private", **common)
 
 
 def wire_finish(results: Results, past: History, options, studio: Studio) -> None:
