@@ -15,7 +15,8 @@ beyond the transformer's evaluation, and whether the limit costs time.
 kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy, and RoPE
 computed three other ways (same numbers) beside the engine's, the adaLN modulation inside the layer norm kernel, and
 (on CUDA) the engine's one-kernel norms (wan_engine/models/fused.py) against the MLX operations they replace.
-vae: VAE decode of 17 and 121 frames at 1280x704, whole chunks and frame by frame, whole frames and in strips:\ntime and MLX peak.
+vae: VAE decode of 17 and 121 frames at 1280x704, whole chunks and frame by frame, whole frames and in strips, and
+whole chunks with each piece waited for (the engine keeps the next one queued): time and MLX peak.
 vae-ledger: where the frame-by-frame decode's peak happens (not part of "all").
 """
 
@@ -37,6 +38,7 @@ from wan_engine.models import fused  # noqa: E402
 from wan_engine.models.config import TransformerConfig, VAEConfig  # noqa: E402
 from wan_engine.models.rope import apply_rope, rope_tables  # noqa: E402
 from wan_engine.models.transformer import WanTransformer, WanTransformerBlock, gelu_tanh  # noqa: E402
+from wan_engine.models import vae as vae_module  # noqa: E402
 from wan_engine.models.vae import WanVAE  # noqa: E402
 from wan_engine.models.vae_layers import FeatureCache  # noqa: E402
 from wan_engine.models.config import SchedulerConfig  # noqa: E402
@@ -302,11 +304,24 @@ def modulated_norm_variants(x: mx.array) -> dict:
             "layer_norm_modulation_as_weight_max_difference": difference.item()}
 
 
+def each_piece_waited_for(stages, frame_by_frame, inner, in_strips):
+    """vae.decode_caches with `one_ahead` off: the whole-chunk decode as it ran before its pipelining, to weigh
+    what keeping the next piece queued costs in memory and gives in time."""
+    mid_cache, caches = engine_decode_caches(stages, frame_by_frame, inner, in_strips)
+    for cache in (mid_cache, *caches):
+        cache.one_ahead = False
+    return mid_cache, caches
+
+
+engine_decode_caches = vae_module.decode_caches
+
+
 def profile_vae(config: VAEConfig, latent_shapes, dtype, modes, repeats: int = 2) -> dict:
-    """Decode latents of each shape (t, h, w) in each mode (frame_by_frame, strip_width): time and MLX peak of each
-    of `repeats` decodes, with each decoded chunk dropped (as the app streams it to the video writer), and the
-    largest difference against the first mode (from one more run per mode that copies the chunks to the host,
-    outside MLX's memory)."""
+    """Decode latents of each shape (t, h, w) in each mode (frame_by_frame, strip_width, queued: whether the
+    whole-chunk decode keeps its next piece queued, as the engine does): time and MLX peak of each of `repeats`
+    decodes, with each decoded chunk dropped (as the app streams it to the video writer), and the largest
+    difference against the first mode (from one more run per mode that copies the chunks to the host, outside
+    MLX's memory)."""
     vae = WanVAE(config)
     randomize(vae, dtype)
     report = {"weights_gib": round(sum(v.nbytes for _, v in tree_flatten(vae.parameters())) / GIB, 3)}
@@ -314,7 +329,8 @@ def profile_vae(config: VAEConfig, latent_shapes, dtype, modes, repeats: int = 2
         z = mx.random.normal((1, *shape, config.z_dim)).astype(dtype)
         mx.eval(z)
         first = None
-        for frame_by_frame, strip_width in modes:
+        for frame_by_frame, strip_width, queued in modes:
+            vae_module.decode_caches = engine_decode_caches if queued else each_piece_waited_for
             for _ in vae.decode_chunks(z[:, :2], frame_by_frame, strip_width):  # warm-up
                 pass
             row = {"s": [], "peak_gib": []}
@@ -332,7 +348,7 @@ def profile_vae(config: VAEConfig, latent_shapes, dtype, modes, repeats: int = 2
             if first is None:
                 first = output
             row["max_difference"] = float(np.abs(output - first).max())
-            name = f"{shape} frame_by_frame={frame_by_frame} strip_width={strip_width}"
+            name = f"{shape} frame_by_frame={frame_by_frame} strip_width={strip_width}" + ("" if queued else " waited")
             report[name] = row
             print("vae decode", name, json.dumps(row), flush=True)
             del output
@@ -410,7 +426,8 @@ def main():
         mx.set_cache_limit(int(args.cache_limit_gib * GIB))
     if args.part in ("vae", "all"):
         widths = [int(w) for w in args.strip_widths]
-        modes = [(False, None), (True, None)] + [(False, w) for w in widths] + [(True, w) for w in widths[:1]]
+        modes = [(False, None, True), (False, None, False), (True, None, True)]
+        modes += [(False, w, True) for w in widths] + [(True, w, True) for w in widths[:1]]
         report["vae"] = profile_vae(config, [(3, 4, 8)] if args.tiny else [(5, 44, 80), (31, 44, 80)], dtype, modes)
     if args.part == "vae-ledger":
         report["vae_ledger"] = ledger_vae(config, (3, 4, 8) if args.tiny else (5, 44, 80), dtype)
