@@ -38,7 +38,6 @@ from wan_engine.models import fused  # noqa: E402
 from wan_engine.models.config import TransformerConfig, VAEConfig  # noqa: E402
 from wan_engine.models.rope import apply_rope, rope_tables  # noqa: E402
 from wan_engine.models.transformer import WanTransformer, WanTransformerBlock, gelu_tanh  # noqa: E402
-from wan_engine.models import vae as vae_module  # noqa: E402
 from wan_engine.models.vae import WanVAE  # noqa: E402
 from wan_engine.models.vae_layers import FeatureCache  # noqa: E402
 from wan_engine.models.config import SchedulerConfig  # noqa: E402
@@ -304,18 +303,6 @@ def modulated_norm_variants(x: mx.array) -> dict:
             "layer_norm_modulation_as_weight_max_difference": difference.item()}
 
 
-def each_piece_waited_for(stages, frame_by_frame, inner, in_strips):
-    """vae.decode_caches with `one_ahead` off: the whole-chunk decode as it ran before its pipelining, to weigh
-    what keeping the next piece queued costs in memory and gives in time."""
-    mid_cache, caches = engine_decode_caches(stages, frame_by_frame, inner, in_strips)
-    for cache in (mid_cache, *caches):
-        cache.one_ahead = False
-    return mid_cache, caches
-
-
-engine_decode_caches = vae_module.decode_caches
-
-
 def profile_vae(config: VAEConfig, latent_shapes, dtype, modes, repeats: int = 2) -> dict:
     """Decode latents of each shape (t, h, w) in each mode (frame_by_frame, strip_width, queued: whether the
     whole-chunk decode keeps its next piece queued, as the engine does): time and MLX peak of each of `repeats`
@@ -330,20 +317,19 @@ def profile_vae(config: VAEConfig, latent_shapes, dtype, modes, repeats: int = 2
         mx.eval(z)
         first = None
         for frame_by_frame, strip_width, queued in modes:
-            vae_module.decode_caches = engine_decode_caches if queued else each_piece_waited_for
-            for _ in vae.decode_chunks(z[:, :2], frame_by_frame, strip_width):  # warm-up
+            for _ in vae.decode_chunks(z[:, :2], frame_by_frame, strip_width, queued_ahead=queued):  # warm-up
                 pass
             row = {"s": [], "peak_gib": []}
             for _ in range(repeats):
                 mx.clear_cache()
                 mx.reset_peak_memory()
                 start = time.perf_counter()
-                for _ in vae.decode_chunks(z, frame_by_frame, strip_width):
+                for _ in vae.decode_chunks(z, frame_by_frame, strip_width, queued_ahead=queued):
                     pass
                 mx.synchronize()  # the last chunk is handed to the device, not waited for
                 row["s"].append(round(time.perf_counter() - start, 3))
                 row["peak_gib"].append(round(mx.get_peak_memory() / GIB, 3))
-            chunks = vae.decode_chunks(z, frame_by_frame, strip_width)
+            chunks = vae.decode_chunks(z, frame_by_frame, strip_width, queued_ahead=queued)
             output = np.concatenate([np.array(c.astype(mx.float32)) for _, _, c in chunks if c is not None], axis=1)
             if first is None:
                 first = output

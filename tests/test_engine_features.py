@@ -3,6 +3,7 @@ presets and the demo model."""
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 
@@ -263,19 +264,25 @@ def test_prompt_embeddings_are_keyed_by_the_text_encoders_files_not_only_their_s
     assert encoder_identity(root, "float32", None) != before
 
 
-def test_the_text_encoder_stays_loaded_when_the_machine_has_the_memory(snapshots, tmp_path, monkeypatch):
+def test_the_text_encoder_stays_loaded_when_the_machine_has_the_memory(snapshots, tmp_path, monkeypatch, caplog):
     """keep_resident: null decides from the machine's memory (this one's is under 40 GiB: released, as before; a
-    64 GiB Mac's working set keeps it); true keeps it; the sidecar says which and why."""
+    64 GiB Mac's working set keeps it); true keeps it; the sidecar says which and why. The VAE decode keeps its next
+    piece queued only where there is the room (the log says which)."""
     import wan_engine.parts as parts
 
     request = GenerationRequest(prompt="a kept encoder", width=64, height=64, frames=5, steps=1)
+    caplog.set_level(logging.INFO, logger="wan_engine")
     engine = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path / "auto")
     *_, result = engine.generate(request)
     assert "text_encoder" not in engine.parts
     decision = json.loads(result.sidecar_path.read_text())["text_encoder"]
     assert decision["kept_between_videos"] is False and "under the 40 GiB" in decision["why"]
+    assert not engine.parts.policy.decode_queued_ahead
+    assert any(r.getMessage().startswith("the VAE decode waits for each piece: the machine's memory is")
+               for r in caplog.records)
     monkeypatch.setattr(parts, "machine_memory_gib", lambda: (48.0, "Metal's recommended working set"))
     roomy = Engine(snapshots["small"], dtype="float32", output_dir=tmp_path / "roomy")
+    assert roomy.parts.policy.decode_queued_ahead
     *_, result = roomy.generate(dataclasses.replace(request, prompt="a new prompt"))
     assert "text_encoder" in roomy.parts
     assert json.loads(result.sidecar_path.read_text())["text_encoder"] == {

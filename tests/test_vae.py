@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from wan_engine.models.config import VAEConfig
-from wan_engine.models.vae import WanVAE, strip_layout
+from wan_engine.models.vae import WanVAE, decode_caches, strip_layout
 from wan_engine.model_files.weights import load_into
 
 
@@ -144,6 +144,12 @@ def test_decode_chunks(case):
     assert [c.shape[1] for c in chunks] == [1] + [4] * (t - 1)
     # A second call starts from a fresh cache: same result.
     assert np.array_equal(np.array(mx.concatenate(chunks, axis=1)), np.array(model.decode(z)))
+    # Waiting for each piece (a machine without the room for one more queued) changes when, not what.
+    waited = [chunk for _, _, chunk in model.decode_chunks(z, queued_ahead=False)]
+    assert np.array_equal(np.array(mx.concatenate(waited, axis=1)), np.array(mx.concatenate(chunks, axis=1)))
+    assert [cache.one_ahead for cache in decode_caches(2, False, (False, False), False)[1]] == [True, True]
+    assert [cache.one_ahead for cache in decode_caches(2, False, (False, False), False, False)[1]] == [False, False]
+    assert not decode_caches(2, True, (False, False), False)[0].one_ahead  # frame by frame saves memory: waits
 
     items = list(model.decode_chunks(z, strip_width=1))  # w strips
     assert [(done, total) for done, total, _ in items] == [(i, w * t) for i in range(1, w * t + 1)]

@@ -401,7 +401,7 @@ class Engine:
             vae = yield from self.parts.load("vae", run.clock)
             run.clock.start()
             decoding = decode_frames(vae, self.normalizer, run.latents, cancel, tile, preset.vae_frame_by_frame,
-                                     preset.vae_strip_width, run.share)
+                                     preset.vae_strip_width, run.share, self.parts.policy.decode_queued_ahead)
         for done, total, frames in decoding:
             if frames is not None:  # on rank 0
                 run.writer.add(frames)

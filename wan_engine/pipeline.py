@@ -150,18 +150,18 @@ def generate_latents(transformer, sampler, noise, context, guidance: float, cond
 
 
 def decode_frames(vae, normalizer: LatentNormalizer, latents: mx.array, cancel=None, tile=None,
-                  frame_by_frame: bool = False, strip_width: int | None = None, share=ALONE):
+                  frame_by_frame: bool = False, strip_width: int | None = None, share=ALONE, queued_ahead: bool = True):
     """Decode latents to float32 frames in [0, 1] (diffusers' postprocessing), yielding (done, total, frames):
     untiled, as WanVAE.decode_chunks (one chunk per latent frame, the VAE's causal cache carried along; strips x
     latent frames with `strip_width`), `frames` (T_i, H, W, 3) or None while earlier strips decode; tiled (`tile` =
     {"tile": latent pixels, "overlap": latent pixels}), one item per tile and the whole video at the end (`frames`
-    None before). Frames are MLX arrays. `frame_by_frame`, `strip_width`: see WanVAE.decode_chunks.
+    None before). Frames are MLX arrays. `frame_by_frame`, `strip_width`, `queued_ahead`: see WanVAE.decode_chunks.
     share: untiled, this process decodes the strips of `share.decode_share` and the share gathers each chunk's
     columns (the whole chunk on rank 0, None on the others); each chunk is a checkpoint, as each denoising step. A
     tiled decode runs on rank 0 alone."""
 
     def chunks(z, share):
-        for done, total, chunk in vae.decode_chunks(z, frame_by_frame, strip_width, share.decode_share):
+        for done, total, chunk in vae.decode_chunks(z, frame_by_frame, strip_width, share.decode_share, queued_ahead):
             share.checkpoint(cancel)
             chunk = None if chunk is None else share.gather_columns(chunk)
             share.unit_done(finished=done == total)

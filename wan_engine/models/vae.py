@@ -181,7 +181,8 @@ class WanVAE(nn.Module):
         return mx.concatenate(means, axis=1)
 
     def decode_chunks(self, z: mx.array, frame_by_frame: bool = False, strip_width: int | None = None,
-                      share: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, int, mx.array | None]]:
+                      share: tuple[int, int] = (0, 1), queued_ahead: bool = True
+                      ) -> Iterator[tuple[int, int, mx.array | None]]:
         """z (B, t, h, w, z_dim), unnormalized -> the video, one chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1]
         (T_0 = 1 and T_i = 4 after it for Wan's VAEs: 1 + 4 (t - 1) frames in all). Yields (done, total, chunk)
         after each piece of work, `chunk` None until one is complete; each is evaluated (or, in a decode that keeps
@@ -203,6 +204,9 @@ class WanVAE(nn.Module):
         `share` = (index, count): the processes of a group decode one share each. The strips are laid out in a
         multiple of `count` (`strip_layout`) and this call decodes the `index`-th run of them, left to right, its
         chunks holding only those columns: the shares' chunks side by side are the whole video's.
+
+        `queued_ahead`: a decode of whole frames keeps its next piece of work queued (faster, one more piece's
+        buffers held); off, it waits for each piece.
         """
         decoder, p = self.decoder, self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
@@ -215,7 +219,7 @@ class WanVAE(nn.Module):
         columns = [[] for _ in range(x.shape[1])]  # per latent frame, its strips decoded so far
         for s, (start, end, low, high) in enumerate(strips):
             inner = (low > 0, high < width)
-            mid_cache, caches = decode_caches(stages, frame_by_frame, inner, len(strips) > 1)
+            mid_cache, caches = decode_caches(stages, frame_by_frame, inner, len(strips) > 1, queued_ahead)
             settle = mx.async_eval if caches[0].one_ahead else mx.eval  # one_ahead: the device goes on to the next
             for i in range(x.shape[1]):
                 mid_cache.next_chunk()
@@ -246,11 +250,13 @@ class WanVAE(nn.Module):
         return mx.concatenate([chunk for _, _, chunk in chunks if chunk is not None], axis=1)
 
 
-def decode_caches(stages: int, frame_by_frame: bool, inner: tuple[bool, bool], in_strips: bool) -> tuple:
+def decode_caches(stages: int, frame_by_frame: bool, inner: tuple[bool, bool], in_strips: bool,
+                  queued_ahead: bool = True) -> tuple:
     """The mid block's cache and each stage's for one strip of a decode. Frame by frame, the last stage (the highest
-    resolutions, the largest tensors) is evaluated op by op. A decode that saves memory (frame by frame, or in
-    strips) waits for each piece of work; one that does not keeps the next piece queued (FeatureCache.settle)."""
-    one_ahead = not (frame_by_frame or in_strips)
+    resolutions, the largest tensors) is evaluated op by op. A decode that saves memory (frame by frame, in strips,
+    or not `queued_ahead`) waits for each piece of work; one that does not keeps the next piece queued
+    (FeatureCache.settle)."""
+    one_ahead = queued_ahead and not (frame_by_frame or in_strips)
     mid_cache = FeatureCache(min_settle_bytes=MIN_SETTLE_BYTES, one_ahead=one_ahead)
     caches = [FeatureCache(frame_by_frame and stage == stages - 1, inner, MIN_SETTLE_BYTES, one_ahead)
               for stage in range(stages)]
