@@ -181,8 +181,7 @@ class WanVAE(nn.Module):
         return mx.concatenate(means, axis=1)
 
     def decode_chunks(self, z: mx.array, frame_by_frame: bool = False, strip_width: int | None = None,
-                      share: tuple[int, int] = (0, 1), queued_ahead: bool = True
-                      ) -> Iterator[tuple[int, int, mx.array | None]]:
+                      share=(0, 1), queued_ahead: bool = True) -> Iterator[tuple[int, int, mx.array | None]]:
         """z (B, t, h, w, z_dim), unnormalized -> the video, one chunk per latent frame, (B, T_i, H, W, 3) in [-1, 1]
         (T_0 = 1 and T_i = 4 after it for Wan's VAEs: 1 + 4 (t - 1) frames in all). Yields (done, total, chunk)
         after each piece of work, `chunk` None until one is complete; each is evaluated (or, in a decode that keeps
@@ -203,11 +202,8 @@ class WanVAE(nn.Module):
 
         `share` = (index, count): the processes of a group decode one share each. The strips are laid out in a
         multiple of `count` (`strip_layout`) and this call decodes the `index`-th run of them, left to right, its
-        chunks holding only those columns: the shares' chunks side by side are the whole video's.
-
-        `queued_ahead`: a decode of whole frames keeps its next piece of work queued (faster, one more piece's
-        buffers held); off, it waits for each piece.
-        """
+        chunks holding only those columns: the shares' chunks side by side are the whole video's. `queued_ahead`:
+        see `decode_caches`."""
         decoder, p = self.decoder, self.config.patch_size
         x = self.post_quant_conv(z.astype(self.dtype))  # 1x1x1: per frame
         width = x.shape[3]
