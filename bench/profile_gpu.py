@@ -12,6 +12,9 @@ engine runs it (compiled blocks, one queued ahead), and with each residual step 
 then the engine's denoising loop itself (pipeline.generate_latents: UniPC, guidance 5, the pair as one batch) per
 step, with MLX's cache of freed buffers limited as the normal preset limits it and unlimited: what a step costs
 beyond the transformer's evaluation, and whether the limit costs time.
+step-alone: the same evaluation and loop without the other variants, to compare MLX settings read when it starts
+(MLX_MAX_OPS_PER_BUFFER, MLX_MAX_MB_PER_BUFFER: how much work goes into one CUDA graph; MLX_USE_CUDA_GRAPHS), a
+process each (run_on_device.sh part h).
 kernels: the elementwise work around the block's matmuls (GELU, RoPE, RMS norm) against a plain copy, and RoPE
 computed three other ways (same numbers) beside the engine's, the adaLN modulation inside the layer norm kernel, and
 (on CUDA) the engine's one-kernel norms (wan_engine/models/fused.py) against the MLX operations they replace.
@@ -22,6 +25,7 @@ vae-ledger: where the frame-by-frame decode's peak happens (not part of "all").
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -140,9 +144,10 @@ def profile_block(dim, heads, ffn, grids, dtype) -> dict:
     return report
 
 
-def profile_step(config: TransformerConfig, grids: dict, dtype) -> dict:
+def profile_step(config: TransformerConfig, grids: dict, dtype, variants: bool = True) -> dict:
     """The whole transformer's evaluation for the CFG pair (batch of two, one timestep per latent frame, the first
-    frame's at 0 as in image-to-video), as the engine runs it and residual step by residual step."""
+    frame's at 0 as in image-to-video), as the engine runs it and (`variants`) residual step by residual step,
+    without the CUDA kernels, and with MLX's cache unlimited."""
     model = WanTransformer(config)
     randomize(model, dtype)
     report = {}
@@ -154,12 +159,12 @@ def profile_step(config: TransformerConfig, grids: dict, dtype) -> dict:
         rope = model.rope(f, 2 * h, 2 * w)
         mx.eval(latents, timestep, context, rope)
         row = {}
-        for lookahead in (True, False):
+        for lookahead in (True, False) if variants else (True,):
             model.block_lookahead = lookahead
             model.compile()
             key = "step_ms" if lookahead else "step_each_residual_step_evaluated_ms"
             row[key] = timed(lambda: model(latents, timestep, context, rope))
-        if mx.cuda.is_available():  # the blocks' norms as MLX operations instead of one CUDA kernel each
+        if variants and mx.cuda.is_available():  # the blocks' norms as MLX operations instead of one CUDA kernel each
             fused.USE_CUDA_KERNELS = False
             model.block_lookahead = True
             model.compile()
@@ -172,7 +177,8 @@ def profile_step(config: TransformerConfig, grids: dict, dtype) -> dict:
         mlx_default = mx.set_cache_limit(int(load_preset("normal").cache_limit_gib * GIB))  # returns the old limit
         row["engine_loop_step_ms_cache_limit_normal_preset"] = loop_step_ms(model, noise, text)
         mx.set_cache_limit(mlx_default)
-        row["engine_loop_step_ms_cache_limit_mlx_default"] = loop_step_ms(model, noise, text)
+        if variants:
+            row["engine_loop_step_ms_cache_limit_mlx_default"] = loop_step_ms(model, noise, text)
         report[name] = row
         print(name, json.dumps(row), flush=True)
     return report
@@ -379,7 +385,8 @@ def ledger_vae(config: VAEConfig, latent_shape, dtype, top: int = 12) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["block", "step", "kernels", "vae", "vae-ledger", "all"], default="all")
+    parser.add_argument("--part", choices=["block", "step", "step-alone", "kernels", "vae", "vae-ledger", "all"],
+                        default="all")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--strip-widths", nargs="*", default=["40", "27"],
@@ -394,12 +401,14 @@ def main():
             report["block"] = profile_block(64, 2, 128, {"17f": (5, 4, 8), "121f": (31, 4, 8)}, dtype)
         else:
             report["block"] = profile_block(3072, 24, 14336, {"17f": (5, 22, 40), "121f": (31, 22, 40)}, dtype)
-    if args.part in ("step", "all"):
+    if args.part in ("step", "step-alone", "all"):
         config = TransformerConfig.from_file(Path(__file__).resolve().parent.parent / "wan_engine/models/configs/transformer.json")
         if args.tiny:
             config.num_layers, config.num_attention_heads, config.attention_head_dim = 2, 2, 32
             config.ffn_dim, config.text_dim, config.freq_dim = 128, 64, 64
-        report["step"] = profile_step(config, {"17f": (5, 4, 8) if args.tiny else (5, 22, 40)}, dtype)
+        report["step"] = profile_step(config, {"17f": (5, 4, 8) if args.tiny else (5, 22, 40)}, dtype,
+                                      variants=args.part != "step-alone")
+        report["mlx_environment"] = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
     if args.part in ("kernels", "all"):
         if args.tiny:
             report["kernels"] = profile_kernels(64, 2, 128, {"121f": (31, 4, 8)}, dtype)

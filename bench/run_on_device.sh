@@ -3,6 +3,7 @@
 # the most wanted first. Run from the project root once MLX's CUDA build is installed (../shared/device/install.sh):
 #     bash bench/run_on_device.sh a "$OUT"     # then b, c, d, e, f, on the same machine (the snapshot stays in /tmp)
 #     bash bench/run_on_device.sh g "$OUT"     # issue #25's goals alone: a, then the 3-step 121-frame video
+#     bash bench/run_on_device.sh h "$OUT"     # the 17-frame step under MLX's CUDA graph settings
 # Each part writes its JSON results and one log into the folder given (at most 8 files: what a call brings back).
 set -uo pipefail
 part=$1
@@ -54,6 +55,15 @@ case $part in
     python3 bench/profile_gpu.py --part kernels --out "$out/profile-kernels.json"
     stamp "bench_mp4"
     python3 bench/bench_mp4.py --out "$out/mp4.json" ;;
-  *) echo "parts: a, b, c, d, e, f, g"; exit 2 ;;
+  h)  # the 17-frame step under MLX's CUDA graph settings, a process each (about 4 minutes): its defaults for this card
+      # (H100 and H200: 100 operations or 1000 MB a graph), larger graphs, no graphs, the defaults again
+    n=0
+    for setting in "" "MLX_MAX_MB_PER_BUFFER=4000" "MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=16000" \
+                   "MLX_MAX_OPS_PER_BUFFER=25 MLX_MAX_MB_PER_BUFFER=250" "MLX_USE_CUDA_GRAPHS=0" ""; do
+      n=$((n + 1))
+      stamp "profile_gpu step-alone ${setting:-(defaults)}"
+      env $setting python3 bench/profile_gpu.py --part step-alone --out "$out/step-alone-$n.json"
+    done ;;
+  *) echo "parts: a, b, c, d, e, f, g, h"; exit 2 ;;
 esac
 stamp "part $part done"
