@@ -86,6 +86,14 @@ def spread(times: list) -> dict:
             "max_s": round(max(times), 4), "runs_s": [round(t, 4) for t in times]}
 
 
+def each_step(step_lists: list) -> dict:
+    """Every step after the first of each run, pooled: their median, min, max and mean (the per-step figures above
+    are means, in which a few slow steps weigh; the median says how fast a step usually is)."""
+    steps = [t for times in step_lists for t in times[1:]]
+    return {"median_s": round(statistics.median(steps), 4), "min_s": round(min(steps), 4),
+            "max_s": round(max(steps), 4), "mean_s": round(statistics.fmean(steps), 4), "steps": len(steps)}
+
+
 def build_snapshot(root: Path, sizes: dict, device: str, dtypes: dict = BF16_LAYOUT) -> None:
     """A random TI2V snapshot saved by diffusers in the Diffusers layout (sharded), built on `device`; `dtypes`:
     each component's stored dtype (BF16_LAYOUT or UPSTREAM_LAYOUT)."""
@@ -214,7 +222,7 @@ def bench_diffusers(root: Path, case: dict, sizes: dict, device: str, out_dir: P
         run(PROMPTS[0], 2, "np" if case["name"] == "seed-17f" else "latent")
     result["warm_up_s"] = round(time.perf_counter() - warming, 3)
     reset_torch_peak(device)
-    totals, mp4, per_step = [], [], []
+    totals, mp4, per_step, step_lists = [], [], [], []
     for i in range(repeats):
         sync(device)
         start = time.perf_counter()
@@ -227,8 +235,10 @@ def bench_diffusers(root: Path, case: dict, sizes: dict, device: str, out_dir: P
         else:
             _, step_times = run(PROMPTS[2 + i], steps, "latent")
         per_step.append(float(np.mean(step_times[1:] if len(step_times) > 1 else step_times)))
+        step_lists.append(step_times)
     result["denoise_s_per_step"] = round(statistics.median(per_step), 4)
     result["denoise_s_per_step_runs"] = [round(t, 4) for t in per_step]
+    result["denoise_s_each_step"] = each_step(step_lists)
     if totals:
         result["total_s"] = spread(totals)
         result["mp4_s"] = round(statistics.median(mp4), 4)
@@ -264,9 +274,16 @@ def request_for(case, prompt, steps=None) -> GenerationRequest:
                              frames=case["frames"], steps=steps or case["steps"], guidance=5.0, seed=0)
 
 
-def run_ours(engine, case, prompt, steps=None) -> Result:
-    *_, result = engine.generate(request_for(case, prompt, steps))
-    return result
+def run_ours(engine, case, prompt, steps=None) -> tuple[Result, list]:
+    """The video's Result, and the seconds between its finished denoising steps as the app sees them (the first
+    counted from the start of the run)."""
+    step_times, last = [], time.perf_counter()
+    for item in engine.generate(request_for(case, prompt, steps)):
+        if getattr(item, "stage", None) == Stage.DENOISE:
+            now = time.perf_counter()
+            step_times.append(now - last)
+            last = now
+    return item, step_times
 
 
 def to_first_step(engine, case, prompt) -> float:
@@ -303,8 +320,8 @@ def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path, r
     start = time.perf_counter()
     run_ours(engine, case, PROMPTS[0])  # cold: the first run compiles the kernels
     cold_total = time.perf_counter() - start
-    new = [run_ours(engine, case, PROMPTS[2 + i]) for i in range(repeats)]  # warm, prompts the cache has not seen
-    cached = [run_ours(engine, case, PROMPTS[1]) for _ in range(repeats)]  # as a user re-running with another seed
+    new = [run_ours(engine, case, PROMPTS[2 + i])[0] for i in range(repeats)]  # warm, prompts the cache has not seen
+    cached, step_lists = zip(*[run_ours(engine, case, PROMPTS[1]) for _ in range(repeats)])  # re-run, another seed
 
     def median(runs, key):
         return round(statistics.median(run.timings.get(key, 0.0) for run in runs), 4)
@@ -321,9 +338,10 @@ def bench_ours(root: Path, case: dict, preset: str, dtype: str, out_dir: Path, r
         "denoise_s_per_step": statistics.median(per_step(run) for run in cached),
         "denoise_s_per_step_runs": [per_step(run) for run in cached],
         "denoise_s_per_step_with_the_first": median(cached, "denoise_s_per_step"),
+        "denoise_s_each_step": each_step(step_lists),
         "decode_s": median(cached, "decode_s"),
         "mp4_s": median(cached, "save_s"),
-        "peak_gib": max(run.peak_memory_gib for run in new + cached),
+        "peak_gib": max(run.peak_memory_gib for run in new + list(cached)),
         "cold_total_s": round(cold_total, 3),
         "text_encoder": new[-1].record.text_encoder,
         "stage_peak_gib_cached_prompt": cached[-1].record.stage_peak_memory_gib,
